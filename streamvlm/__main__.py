@@ -1,0 +1,3 @@
+from streamvlm.cli import main
+
+raise SystemExit(main())
