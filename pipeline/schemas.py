@@ -122,7 +122,7 @@ class InvalidJob(ValueError):
         self.job_id = job_id
 
 
-def _readable(exc: ValidationError) -> str:
+def readable_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "job"
@@ -144,7 +144,7 @@ def parse_job(raw: bytes | str) -> JobRequest:
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJob(_readable(exc), usable_id) from None
+        raise InvalidJob(readable_validation_error(exc), usable_id) from None
 
 
 def _id_ok(job_id: str) -> bool:

@@ -12,7 +12,11 @@ import sys
 from collections.abc import Callable
 
 import yaml
+from pydantic import ValidationError
 
+from pipeline.client import JobClient, JobNotFound, WaitTimeout
+from pipeline.connect import RedisUnavailable
+from pipeline.schemas import JobRequest, JobState, WindowResult, readable_validation_error
 from pipeline.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BUILT = 0, 1, 2, 3
@@ -21,11 +25,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BUILT = 0, 1, 2, 3
 PLANNED: dict[str, tuple[str, int]] = {
     "demo": ("run the main job on embedded defaults: sample video + live stream, answers and captions", 6),
     "serve": ("run the service: Redis job queue → Ray decode/prune actors → batched FastV LLM workers", 6),
-    "submit": ("submit a question job on a file or URL (--wait prints the answer)", 6),
-    "caption": ("submit a rolling-caption job on a stream and follow its captions", 6),
-    "results": ("print a job's results (--follow to keep reading)", 6),
-    "cancel": ("cancel a job", 6),
-    "status": ("show a job's state, or the service's queues", 6),
     "ask": ("one-shot local inference on a file or URL, no Redis or Ray", 6),
     "eval": ("accuracy against visual-token budget for every pruning method", 4),
 }
@@ -37,6 +36,138 @@ def _not_built(name: str) -> Callable[[argparse.Namespace, Settings], int]:
         return EXIT_NOT_BUILT
 
     return run
+
+
+def _pruning_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning (unset: the service's defaults)")
+    g.add_argument("--no-pruning", action="store_true", help="turn every kind of pruning off")
+    g.add_argument("--encoder-method", choices=["cls", "random", "none"])
+    g.add_argument("--reduction", type=float, metavar="R", help="share of visual tokens dropped after the encoder")
+    g.add_argument("--strategy", metavar="NAME", help="temporal budget strategy (uniform, global, redundancy)")
+    g.add_argument("--fastv-k", type=int, metavar="K")
+    g.add_argument("--fastv-ratio", type=float, metavar="R")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+
+
+def _job_from_args(args: argparse.Namespace, kind: str) -> JobRequest:
+    data: dict = {"source": args.source, "kind": kind}
+    if args.job_id:
+        data["job_id"] = args.job_id
+    if kind == "ask":
+        data["question"] = args.question
+    elif args.prompt:
+        data["prompt"] = args.prompt
+    if args.no_pruning:
+        data["pruning"] = "off"
+    else:
+        pruning = {k: v for k, v in {
+            "encoder_method": args.encoder_method, "encoder_reduction": args.reduction,
+            "temporal_strategy": args.strategy, "fastv_k": args.fastv_k, "fastv_ratio": args.fastv_ratio,
+        }.items() if v is not None}
+        if pruning:
+            data["pruning"] = pruning
+    sampling = {k: v for k, v in {
+        "frames_per_clip": args.frames, "start_s": getattr(args, "start", None), "end_s": getattr(args, "end", None),
+        "window_s": getattr(args, "window", None), "stride_s": getattr(args, "stride", None),
+    }.items() if v is not None}
+    if sampling:
+        data["sampling"] = sampling
+    generation = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}.items()
+                  if v is not None}
+    if generation:
+        data["generation"] = generation
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(readable_validation_error(exc).removeprefix("invalid job: ")) from None
+
+
+class UsageError(ValueError):
+    """Bad arguments: exit code 2."""
+
+
+def _client(settings: Settings) -> JobClient:
+    from pipeline.connect import client_url, job_queue, make_client
+
+    return JobClient(job_queue(settings, make_client(client_url(settings)), consumer="cli"))
+
+
+def _print_result(res: WindowResult, as_json: bool) -> None:
+    if as_json:
+        print(res.model_dump_json(), flush=True)
+    else:
+        print(f"[{res.job_id} #{res.window_index} {res.start_s:7.1f}–{res.end_s:7.1f}s] {res.text}  "
+              f"({res.visual_tokens_kept}/{res.visual_tokens_in} visual tokens, "
+              f"{100 * res.flops_ratio:.0f}% FLOPs)", flush=True)
+
+
+def _follow(client: JobClient, job_id: str, as_json: bool, timeout_s: float | None) -> int:
+    for res in client.follow(job_id, timeout_s=timeout_s):
+        _print_result(res, as_json)
+    status = client.status(job_id)
+    if not as_json:
+        print(f"job {job_id}: {status.state.value}" + (f" ({status.error})" if status.error else ""))
+    return EXIT_OK if status.state is JobState.done else EXIT_FAILED
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    job = _job_from_args(args, "ask")
+    client = _client(settings)
+    client.submit(job)
+    if not args.wait:
+        print(job.job_id)
+        return EXIT_OK
+    return _follow(client, job.job_id, args.json, args.timeout)
+
+
+def _caption(args: argparse.Namespace, settings: Settings) -> int:
+    job = _job_from_args(args, "caption")
+    client = _client(settings)
+    client.submit(job)
+    if args.no_follow:
+        print(job.job_id)
+        return EXIT_OK
+    print(f"caption job {job.job_id} (stop with: streamvlm cancel {job.job_id})", file=sys.stderr)
+    try:
+        return _follow(client, job.job_id, args.json, args.timeout)
+    except KeyboardInterrupt:
+        client.cancel(job.job_id)
+        print(f"cancelled {job.job_id}", file=sys.stderr)
+        return 130
+
+
+def _results(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(settings)
+    client.status(args.job_id)  # unknown job → JobNotFound
+    if args.follow:
+        return _follow(client, args.job_id, args.json, args.timeout)
+    for _eid, res in client.queue.results(args.job_id):
+        _print_result(res, args.json)
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(settings)
+    if args.job_id:
+        status = client.status(args.job_id)
+        if args.json:
+            print(status.model_dump_json())
+        else:
+            print(f"{status.job_id}: {status.state.value}, {status.progress} result(s)"
+                  + (f", error: {status.error}" if status.error else ""))
+        return EXIT_OK
+    overview = client.overview()
+    print(json.dumps(overview.__dict__) if args.json else
+          f"jobs waiting or running: {overview.depth}, being worked on: {overview.pending}, "
+          f"consumers: {overview.consumers}, dead letters: {overview.dead_letters}")
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    verdict = _client(settings).cancel(args.job_id)
+    print(f"{args.job_id}: cancel {verdict}" if verdict == "requested" else f"{args.job_id}: already {verdict}")
+    return EXIT_OK
 
 
 def _config_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -74,6 +205,48 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=_not_built(name))
 
+    p = sub.add_parser("submit", help="submit a question job on a file or URL (--wait prints the answer)")
+    p.add_argument("source", help="a path under sources.allowed_roots, or a URL")
+    p.add_argument("question")
+    p.add_argument("--job-id", help="idempotency key: resubmitting the same id runs the job once")
+    p.add_argument("--frames", type=int, help="frames sampled from the clip")
+    p.add_argument("--start", type=float, metavar="S", help="start of the part to look at, seconds")
+    p.add_argument("--end", type=float, metavar="S", help="end of the part to look at, seconds")
+    p.add_argument("--wait", action="store_true", help="wait and print the answer")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up waiting after S seconds")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    _pruning_args(p)
+    p.set_defaults(run=_submit)
+
+    p = sub.add_parser("caption", help="submit a rolling-caption job on a stream or file and follow its captions")
+    p.add_argument("source")
+    p.add_argument("--prompt", help="what to ask of every window (default: describe it)")
+    p.add_argument("--job-id")
+    p.add_argument("--frames", type=int)
+    p.add_argument("--window", type=float, metavar="S", help="window length, seconds")
+    p.add_argument("--stride", type=float, metavar="S", help="a new window every S seconds")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p.add_argument("--timeout", type=float, metavar="S")
+    p.add_argument("--json", action="store_true")
+    _pruning_args(p)
+    p.set_defaults(run=_caption)
+
+    p = sub.add_parser("results", help="print a job's results (--follow to keep reading)")
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--timeout", type=float, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_results)
+
+    p = sub.add_parser("status", help="show a job's state, or the queue's when no job is given")
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_status)
+
+    p = sub.add_parser("cancel", help="cancel a job (a running caption job stops after its current window)")
+    p.add_argument("job_id")
+    p.set_defaults(run=_cancel)
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
     bench.add_argument("what", choices=["pruning", "decode", "service", "reliability"])
     bench.set_defaults(run=_bench)
@@ -98,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, settings)
     except KeyboardInterrupt:
         return 130
+    except UsageError as exc:
+        print(f"streamvlm {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (JobNotFound, RedisUnavailable, WaitTimeout) as exc:
+        print(f"streamvlm {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - the CLI's one place that turns any failure into one line
         if args.debug:
             raise
