@@ -63,6 +63,8 @@ class SamplingSettings(_Section):
 
 
 class SourceSettings(_Section):
+    """Video sources (pipeline.sources): what may be opened, limits, timeouts, live reconnection."""
+
     allowed_roots: list[Path] = Field(default_factory=lambda: [Path(".")])
     allowed_schemes: list[str] = Field(
         default_factory=lambda: ["file", "http", "https", "rtsp", "rtmp", "udp", "tcp", "hls"]
@@ -78,6 +80,12 @@ class SourceSettings(_Section):
     reconnect_backoff_s: float = Field(0.5, gt=0.0)
     reconnect_backoff_max_s: float = Field(30.0, gt=0.0)
     live_buffer_frames: int = Field(256, ge=1)
+    # Local files: decord (in a watched subprocess, PyAV fallback) or PyAV only.
+    file_backend: Literal["decord", "pyav"] = "decord"
+    decord_timeout_s: float = Field(30.0, gt=0.0)
+    # FFmpeg decoder threads; 0 lets FFmpeg pick.
+    decode_threads: int = Field(0, ge=0, le=64)
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
 
 
 class RedisSettings(_Section):
@@ -101,8 +109,14 @@ class WorkerSettings(_Section):
     llm_resources: dict[str, float] = Field(default_factory=dict)
     max_batch_size: int = Field(8, ge=1)
     max_batch_wait_ms: float = Field(20.0, ge=0.0)
+    llm_num_cpus: float = Field(1.0, ge=0.0)
+    clip_num_cpus: float = Field(0.5, ge=0.0)
     max_active_jobs: int = Field(4, ge=1)
     max_restarts: int = Field(3, ge=-1)
+    # Threads each actor's torch uses (None: torch's default, all cores).
+    torch_threads: int | None = Field(None, ge=1)
+    # Precision of the kept visual features sent from clip actors to LLM workers.
+    ship_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class QueueSettings(_Section):

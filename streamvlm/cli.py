@@ -7,6 +7,7 @@ Errors print one readable line (no traceback unless ``--debug``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -179,9 +180,32 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    print(f"streamvlm bench {args.what}: not built yet", file=sys.stderr)
-    return EXIT_NOT_BUILT
+# bench WHAT → the module that measures it (``add_arguments(parser)`` and ``run(args) -> int``).
+BENCHMARKS = {
+    "pruning": ("pipeline.bench.pruning", "prefill/TTFT/decode time of every pruning method beside its FLOPs ratio"),
+    "decode": ("pipeline.bench.decode", "sampled decoding against decoding every frame, decord against PyAV"),
+}
+BENCHMARKS_PLANNED = {"service": 8, "reliability": 7}
+
+
+def _run_bench(name: str, module: str) -> Callable[[argparse.Namespace, Settings], int]:
+    # The benchmark's own flags are parsed here, after the import: --help elsewhere stays fast.
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        mod = importlib.import_module(module)
+        parser = argparse.ArgumentParser(prog=f"streamvlm bench {name}", description=BENCHMARKS[name][1])
+        mod.add_arguments(parser)
+        return mod.run(parser.parse_args(args.bench_args))
+
+    return run
+
+
+def _bench_not_built(name: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        print(f"streamvlm bench {name}: not built yet (tracked in issue #{BENCHMARKS_PLANNED[name]})",
+              file=sys.stderr)
+        return EXIT_NOT_BUILT
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cancel)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side in one run")
-    bench.add_argument("what", choices=["pruning", "decode", "service", "reliability"])
-    bench.set_defaults(run=_bench)
+    bench_sub = bench.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = bench_sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+        p.set_defaults(run=_run_bench(name, module))
+    for name in BENCHMARKS_PLANNED:
+        bench_sub.add_parser(name, help="not built yet").set_defaults(run=_bench_not_built(name))
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -261,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "bench" and getattr(args, "what", None) in BENCHMARKS:
+        args.bench_args = extra  # the benchmark parses its own flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = load_settings(args.config, args.overrides)
     except ConfigError as exc:
