@@ -110,13 +110,15 @@ class WorkerSettings(_Section):
     max_batch_size: int = Field(8, ge=1)
     max_batch_wait_ms: float = Field(20.0, ge=0.0)
     llm_num_cpus: float = Field(1.0, ge=0.0)
-    clip_num_cpus: float = Field(0.5, ge=0.0)
+    # 4 clip actors × 0.25 + 1 LLM worker × 1 = 2 CPUs: the defaults fit a 2-core laptop.
+    clip_num_cpus: float = Field(0.25, ge=0.0)
     max_active_jobs: int = Field(4, ge=1)
     max_restarts: int = Field(3, ge=-1)
     # Threads each actor's torch uses (None: torch's default, all cores).
     torch_threads: int | None = Field(None, ge=1)
     # Precision of the kept visual features sent from clip actors to LLM workers.
     ship_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    start_timeout_s: float = Field(300.0, gt=0.0)
 
 
 class QueueSettings(_Section):

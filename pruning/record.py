@@ -29,14 +29,16 @@ class PruningRecord:
     prompt_tokens_after_fastv: list[int]  # [B] prompt length layers ≥ K see
     new_tokens: list[int]  # [B]
     flops: dict[str, dict[str, float]]  # stage → {"unpruned", "pruned"}; stages vision/projector/prefill/decode
+    flops_per_row: list[dict[str, dict[str, float]]]  # [B] the same, per batch row (``flops`` is their sum)
     timings_s: dict[str, float] = field(default_factory=dict)  # vision_s, score_s, select_s, project_s, prefill_s, decode_s
     flops_convention: str = "FastV/FasterVLM: 4nd²+2n²d+2ndm per layer (SwiGLU third matrix ignored), multiply-adds"
 
-    def flops_ratio(self, stage: str | None = None) -> float:
-        """Pruned ÷ unpruned FLOPs of one stage, or of all stages together."""
-        stages = [stage] if stage else list(self.flops)
-        unpruned = sum(self.flops[s]["unpruned"] for s in stages)
-        pruned = sum(self.flops[s]["pruned"] for s in stages)
+    def flops_ratio(self, stage: str | None = None, row: int | None = None) -> float:
+        """Pruned ÷ unpruned FLOPs of one stage, or of all stages together; of the batch, or of one ``row``."""
+        flops = self.flops if row is None else self.flops_per_row[row]
+        stages = [stage] if stage else list(flops)
+        unpruned = sum(flops[s]["unpruned"] for s in stages)
+        pruned = sum(flops[s]["pruned"] for s in stages)
         return pruned / unpruned if unpruned else 1.0
 
     def to_dict(self) -> dict[str, Any]:

@@ -383,19 +383,23 @@ class PrunedVLM:
         k = pre.state.prune_layer if pre.state is not None else self.llm_shape.num_layers
         vs, ls = self.vision_shape, self.llm_shape
         layers_run = ClsAttentionScorer.layers_needed(self.config.vision_feature_layer, vs.num_layers)
-        flops: dict[str, dict[str, float]] = {s: {"unpruned": 0.0, "pruned": 0.0} for s in
-                                              ("vision", "projector", "prefill", "decode")}
+        stages = ("vision", "projector", "prefill", "decode")
         dv, d = vs.hidden, ls.hidden
+        per_row: list[dict[str, dict[str, float]]] = []
         for b in range(len(prompt_in)):
             new = lengths[b]
-            flops["vision"]["unpruned"] += vision_flops(vs, visual.num_frames)
-            flops["vision"]["pruned"] += vision_flops(vs, visual.num_frames, layers_run)
-            flops["projector"]["unpruned"] += projector_flops(visual.tokens_in, dv, d)
-            flops["projector"]["pruned"] += projector_flops(visual.lengths[b], dv, d)
-            flops["prefill"]["unpruned"] += prefill_flops(ls, prompt_in[b])
-            flops["prefill"]["pruned"] += prefill_flops(ls, prompt_kept[b], after_fastv[b], min(k, ls.num_layers))
-            flops["decode"]["unpruned"] += decode_flops(ls, prompt_in[b], prompt_in[b], 0, new)
-            flops["decode"]["pruned"] += decode_flops(ls, prompt_kept[b], after_fastv[b], min(k, ls.num_layers), new)
+            kb = min(k, ls.num_layers)
+            per_row.append({
+                "vision": {"unpruned": vision_flops(vs, visual.num_frames),
+                           "pruned": vision_flops(vs, visual.num_frames, layers_run)},
+                "projector": {"unpruned": projector_flops(visual.tokens_in, dv, d),
+                              "pruned": projector_flops(visual.lengths[b], dv, d)},
+                "prefill": {"unpruned": prefill_flops(ls, prompt_in[b]),
+                            "pruned": prefill_flops(ls, prompt_kept[b], after_fastv[b], kb)},
+                "decode": {"unpruned": decode_flops(ls, prompt_in[b], prompt_in[b], 0, new),
+                           "pruned": decode_flops(ls, prompt_kept[b], after_fastv[b], kb, new)},
+            })
+        flops = {s: {kind: sum(row[s][kind] for row in per_row) for kind in ("unpruned", "pruned")} for s in stages}
         return PruningRecord(
             config=config.to_dict(),
             modality=visual.modality,
@@ -414,6 +418,7 @@ class PrunedVLM:
             prompt_tokens_after_fastv=after_fastv,
             new_tokens=list(lengths),
             flops=flops,
+            flops_per_row=per_row,
             timings_s={},
         )
 

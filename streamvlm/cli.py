@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
@@ -24,9 +25,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BUILT = 0, 1, 2, 3
 
 # Subcommands that later issues fill in: name → (help, issue that builds it).
 PLANNED: dict[str, tuple[str, int]] = {
-    "demo": ("run the main job on embedded defaults: sample video + live stream, answers and captions", 6),
-    "serve": ("run the service: Redis job queue → Ray decode/prune actors → batched FastV LLM workers", 6),
-    "ask": ("one-shot local inference on a file or URL, no Redis or Ray", 6),
     "eval": ("accuracy against visual-token budget for every pruning method", 4),
 }
 
@@ -171,6 +169,36 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _ask(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.ask import ask
+
+    job = _job_from_args(args, "ask")
+    result = ask(job, settings)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.answer)
+        print(f"({result.visual_tokens_kept}/{result.visual_tokens_in} visual tokens kept, "
+              f"{100 * result.flops_ratio:.1f}% of the unpruned FLOPs, "
+              f"frames {result.start_s:.1f}–{result.end_s:.1f} s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo import run_demo
+
+    return run_demo(settings, Path(args.workdir), caption_windows=args.windows)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.service import serve_forever
+
+    if args.ray_address:
+        settings.ray.address = args.ray_address
+    serve_forever(settings)
+    return EXIT_OK
+
+
 def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     data = settings.redacted()
     if args.format == "json":
@@ -228,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _issue) in PLANNED.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=_not_built(name))
+
+    p = sub.add_parser("demo", help="the main job on embedded defaults: a sample video and a live loopback "
+                                    "camera through Redis and Ray; answers, captions and what pruning saved")
+    p.add_argument("--workdir", default=".streamvlm/demo", help="where the sample video is written")
+    p.add_argument("--windows", type=int, default=3, help="caption windows to show before cancelling")
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("serve", help="run the service: Redis jobs → Ray decode/prune actors → batched FastV "
+                                     "LLM workers → Redis results")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else local)")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("ask", help="one-shot local inference on a file or URL, no Redis or Ray")
+    p.add_argument("source", help="a path under sources.allowed_roots, or a URL")
+    p.add_argument("question")
+    p.add_argument("--frames", type=int, help="frames sampled from the clip")
+    p.add_argument("--start", type=float, metavar="S", help="start of the part to look at, seconds (files)")
+    p.add_argument("--end", type=float, metavar="S", help="end of the part to look at, seconds (files)")
+    p.add_argument("--window", type=float, metavar="S", help="live streams: the most recent S seconds")
+    p.add_argument("--json", action="store_true", help="print answer, tokens, FLOPs ratio and timings as JSON")
+    p.set_defaults(run=_ask, job_id=None)
+    _pruning_args(p)
 
     p = sub.add_parser("submit", help="submit a question job on a file or URL (--wait prints the answer)")
     p.add_argument("source", help="a path under sources.allowed_roots, or a URL")

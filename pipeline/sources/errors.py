@@ -21,6 +21,15 @@ class SourceError(Exception):
     def __init__(self, message: str, *, param: str = "uri") -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+        self.detail = message
+
+    def __reduce__(self):
+        # Errors cross processes (Ray): rebuild from the bare message so the prefix is not doubled.
+        return _rebuild, (type(self), self.detail, self.param)
+
+
+def _rebuild(cls: type[SourceError], message: str, param: str) -> SourceError:
+    return cls(message, param=param)
 
 
 class SourceNotFound(SourceError):

@@ -173,6 +173,11 @@ def test_padded_batch_equals_each_row_alone(video_llava, fastv_ratio):
         alone_logits = vlm.forward_logits(torch.tensor([row]), None, visual, configs[0]).logits[0, -1]
         assert torch.allclose(batch_logits.logits[i, last[i]], alone_logits, atol=1e-5, rtol=0)
         assert batch.record.visual_tokens_kept[i] == visual.lengths[0]
+        if batch.record.new_tokens[i] == alone.record.new_tokens[0]:
+            assert batch.record.flops_ratio(row=i) == pytest.approx(alone.record.flops_ratio(), rel=1e-9)
+    ratios = [batch.record.flops_ratio(row=i) for i in range(3)]
+    assert ratios[2] > max(ratios[:2])  # the unpruned row costs the most
+    assert min(ratios) <= batch.record.flops_ratio() <= max(ratios)
 
 
 def test_sampling_stopping_and_eos(video_llava):

@@ -1,0 +1,63 @@
+"""Seeded synthetic videos with questions, answers and captions, for the bundled demo model."""
+
+from .dataset import (
+    HELD_OUT_SEED,
+    HELD_OUT_SIZE,
+    TRAIN_SEED,
+    Sample,
+    held_out_sample,
+    held_out_set,
+    training_clip,
+    training_conversation,
+)
+from .language import (
+    CAPTION_PROMPT,
+    EVAL_TYPES,
+    NO_EVENT,
+    QA,
+    TRAIN_TYPES,
+    caption,
+    questions_of_type,
+    vocabulary,
+)
+from .scene import (
+    COLOURS,
+    DIRECTIONS,
+    EVENTS,
+    FRAME_SIZE,
+    NUM_FRAMES,
+    PATCH_SIZE,
+    SHAPES,
+    Clip,
+    SceneObject,
+    render_clip,
+)
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "COLOURS",
+    "DIRECTIONS",
+    "EVAL_TYPES",
+    "EVENTS",
+    "FRAME_SIZE",
+    "HELD_OUT_SEED",
+    "HELD_OUT_SIZE",
+    "NO_EVENT",
+    "NUM_FRAMES",
+    "PATCH_SIZE",
+    "QA",
+    "SHAPES",
+    "TRAIN_SEED",
+    "TRAIN_TYPES",
+    "Clip",
+    "Sample",
+    "SceneObject",
+    "caption",
+    "held_out_sample",
+    "held_out_set",
+    "questions_of_type",
+    "render_clip",
+    "training_clip",
+    "training_conversation",
+    "vocabulary",
+]

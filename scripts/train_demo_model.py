@@ -1,0 +1,419 @@
+"""Train the bundled demo Video-LLaVA on seeded synthetic clips, the way such models are made.
+
+Stage 1  pretrain the CLIP vision tower on its [CLS] output: multi-label "which colour-shape pairs
+         are in this frame" (BCE). Then measure where layer −2's [CLS] attention goes: the share on
+         patches that hold objects is what FasterVLM's pruning relies on.
+Stage 2  freeze the tower, cache its layer −2 hidden states for every training clip once (the tower
+         never runs again), and train projector + Llama on multi-turn conversations about each clip
+         (questions of every type, captions), loss on answer tokens only, on ALL visual tokens.
+         The first turn is exactly Video-LLaVA's single-turn prompt used at inference.
+
+The best checkpoint so far (by held-out accuracy on a fixed subset) is saved with save_pretrained into
+pipeline/assets/demo_model as training goes, so a stopped run still leaves a usable model.
+
+    nice -n 10 python scripts/train_demo_model.py --minutes 60 > .streamvlm/train.log 2>&1
+
+Shapes: B clips, T frames, N = 1 + P tokens per frame ([CLS] + patches), V = T·N video tokens,
+C vision width, D text width, S sequence length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import VideoLlavaForConditionalGeneration
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.demo_model import (  # noqa: E402
+    FRAME_MEAN,
+    FRAME_STD,
+    DemoModelShape,
+    build_config,
+    build_tokenizer,
+    demo_model_path,
+    prompt,
+    save_processor_files,
+)
+from pipeline.synthetic import (  # noqa: E402
+    COLOURS,
+    EVAL_TYPES,
+    NUM_FRAMES,
+    SHAPES,
+    TRAIN_SEED,
+    held_out_set,
+    training_clip,
+    training_conversation,
+)
+
+_MEAN = torch.tensor(FRAME_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(FRAME_STD).view(1, 3, 1, 1)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pixels(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (F, 3, H, W) float, normalised exactly as the saved image processor does."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    return (x - _MEAN) / _STD
+
+
+def cls_attention(tower, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(F, P) head-averaged attention of the [CLS] query on patch keys inside layer −2."""
+    out = tower(pixel_values, output_hidden_states=True)
+    layer = tower.encoder.layers[-2]
+    h = layer.layer_norm1(out.hidden_states[-3])  # (F, N, C): the input of layer −2
+    attn = layer.self_attn
+    f, n, c = h.shape
+    heads = attn.num_heads
+    q = attn.q_proj(h[:, :1]).view(f, 1, heads, c // heads).transpose(1, 2)  # (F, h, 1, c/h)
+    k = attn.k_proj(h).view(f, n, heads, c // heads).transpose(1, 2)  # (F, h, N, c/h)
+    probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1)  # (F, h, 1, N)
+    return probs.mean(1)[:, 0, 1:]  # (F, P)
+
+
+# ---------------------------------------------------------------- stage 1: vision tower
+
+
+def pretrain_tower(model, args) -> dict:
+    tower = model.model.video_tower
+    num_labels = len(COLOURS) * len(SHAPES) + len(COLOURS) + len(SHAPES)
+    head = torch.nn.Linear(tower.config.hidden_size, num_labels)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
+    log(f"stage 1: rendering {args.tower_clips} clips")
+    clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
+    frames = np.concatenate([c.frames for c in clips])  # (F, H, W, 3)
+    labels = torch.from_numpy(np.concatenate([c.frame_labels() for c in clips]))  # (F, L)
+    masks = np.concatenate([c.patch_mask() for c in clips])  # (F, P)
+    x_all = pixels(frames)
+    g = torch.Generator().manual_seed(args.seed)
+    n_val = 512
+    budget_s = args.tower_minutes * 60
+    t0 = time.time()
+    step = 0
+    tower.train()
+    while time.time() - t0 < budget_s:
+        idx = torch.randint(n_val, len(x_all), (args.tower_batch,), generator=g)
+        lr = args.tower_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(
+            math.pi * min(1.0, (time.time() - t0) / budget_s))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pooled = tower(x_all[idx]).pooler_output  # (B, C)
+        loss = F.binary_cross_entropy_with_logits(head(pooled), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0:
+            log(f"stage 1 step {step} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+    tower.eval()
+    with torch.no_grad():
+        logits = head(tower(x_all[:n_val]).pooler_output)
+        right = (logits > 0) == (labels[:n_val] > 0.5)  # (F, L)
+        pairs, colours = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
+        exact = right[:, :pairs].all(-1).float().mean().item()
+        colours_exact = right[:, pairs:colours].all(-1).float().mean().item()
+        shapes_exact = right[:, colours:].all(-1).float().mean().item()
+        attn = cls_attention(tower, x_all[:n_val])  # (F, P)
+        m = torch.from_numpy(masks[:n_val])
+        share = (attn * m).sum(-1) / attn.sum(-1)
+        top4 = attn.topk(4, dim=-1).indices
+        top4_hit = m.gather(1, top4).float().mean().item()
+    stats = {
+        "tower_steps": step,
+        "frame_exact_match": exact,
+        "frame_colours_exact": colours_exact,
+        "frame_shapes_exact": shapes_exact,
+        "cls_attention_share_on_objects": share.mean().item(),
+        "object_patch_fraction": m.float().mean().item(),
+        "top4_patches_on_objects": top4_hit,
+    }
+    log(f"stage 1 done: {json.dumps(stats)}")
+    # Video-LLaVA has separate image and video towers; both get the same pretrained weights.
+    model.model.image_tower.load_state_dict(tower.state_dict())
+    return stats
+
+
+# ---------------------------------------------------------------- stage 2: projector + LLM
+
+
+@torch.no_grad()
+def cache_features(tower, clips_frames: list[np.ndarray], batch_clips: int = 32) -> torch.Tensor:
+    """(num_clips, V, C) fp16 layer −2 hidden states, [CLS] kept per frame (transformers' video path)."""
+    out = []
+    for i in range(0, len(clips_frames), batch_clips):
+        frames = np.stack(clips_frames[i : i + batch_clips])  # (B, T, H, W, 3)
+        b, t = frames.shape[:2]
+        hs = tower(pixels(frames.reshape(b * t, *frames.shape[2:])), output_hidden_states=True).hidden_states[-2]
+        out.append(hs.reshape(b, t * hs.shape[1], hs.shape[2]).half())  # (B, V, C)
+    return torch.cat(out)
+
+
+class Encoder:
+    """Token ids for conversations, built through the tokenizer the way the processor builds them."""
+
+    def __init__(self, tokenizer, video_tokens: int):
+        self.tok = tokenizer
+        self.video_tokens = video_tokens
+        self.video_id = tokenizer.convert_tokens_to_ids("<video>")
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        key = f"{special}|{text}"
+        if key not in self._cache:
+            self._cache[key] = self.tok(text, add_special_tokens=special).input_ids
+        return self._cache[key]
+
+    def first_prompt(self, question: str) -> list[int]:
+        text = prompt(question).replace("<video>", "<video>" * self.video_tokens)
+        return self._ids(text, True)
+
+    def conversation(self, turns) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, qa in enumerate(turns):
+            p = self.first_prompt(qa.question) if i == 0 else self._ids(f"USER: {qa.question} ASSISTANT:", False)
+            a = self._ids(qa.answer, False) + [self.eos]
+            ids += p + a
+            labels += [-100] * len(p) + a
+        return ids, labels
+
+
+def embed(model, ids: torch.Tensor, feats: torch.Tensor, video_id: int) -> torch.Tensor:
+    """(B, S) ids + (B, V, C) cached features -> (B, S, D) inputs_embeds, as the model's forward builds them."""
+    emb = model.get_input_embeddings()(ids)  # (B, S, D)
+    vis = model.model.multi_modal_projector(feats.float())  # (B, V, D)
+    mask = (ids == video_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(mask, vis.to(emb.dtype))
+
+
+def lm_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor):
+    """(B, S, D) -> logits (K, vocab) at the K flattened (batch, pos) positions given."""
+    hidden = model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    return model.lm_head(hidden[positions[:, 0], positions[:, 1]])
+
+
+@torch.no_grad()
+def evaluate(model, enc: Encoder, feats: torch.Tensor, samples, batch: int = 16) -> dict:
+    """Greedy first answer token vs the one-word answer, single-turn prompt, all visual tokens."""
+    model.eval()
+    hits: dict[str, list[int]] = defaultdict(list)
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        seqs = [enc.first_prompt(s.qa.question) for s in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), enc.pad, dtype=torch.long)
+        for r, s in enumerate(seqs):  # right padding: causal attention keeps real tokens exact
+            ids[r, : len(s)] = torch.tensor(s)
+        x = embed(model, ids, feats[i : i + len(chunk)], enc.video_id)
+        pos = torch.tensor([[r, len(s) - 1] for r, s in enumerate(seqs)])  # (B, 2) last prompt token
+        pred = lm_logits(model, x, None, pos).argmax(-1)
+        for s, p in zip(chunk, pred.tolist(), strict=True):
+            hits[s.qa.qtype].append(int(p == enc._ids(s.qa.answer, False)[0]))
+    model.train()
+    by_type = {t: float(np.mean(v)) for t, v in hits.items()}
+    overall = float(np.mean([h for v in hits.values() for h in v]))
+    return {"accuracy": overall, "by_type": by_type, "n": len(samples)}
+
+
+def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    save_processor_files(tmp, tokenizer, shape)
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
+    enc = Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
+    tower = model.model.video_tower
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    for p in model.model.image_tower.parameters():
+        p.requires_grad_(False)
+
+    t0 = time.time()
+    log(f"stage 2: rendering + caching layer -2 features of {args.clips} training clips")
+    clips = []
+    feats_parts = []
+    for i in range(0, args.clips, 500):
+        part = [training_clip(j) for j in range(i, min(args.clips, i + 500))]
+        feats_parts.append(cache_features(tower, [c.frames for c in part]))
+        clips.extend(part)
+        log(f"  cached {len(clips)} clips ({time.time() - t0:.0f}s)")
+    feats = torch.cat(feats_parts)  # (num_clips, V, C)
+    held = held_out_set(args.eval_questions)
+    held_feats = cache_features(tower, [s.clip.frames for s in held])
+    log(f"cached {feats.shape} train + {held_feats.shape} held-out features in {time.time() - t0:.0f}s")
+
+    trainable = [p for n, p in model.named_parameters() if "tower" not in n]
+    log(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = np.random.default_rng(args.seed)
+    budget_s = args.minutes * 60 - (time.time() - args.start_time)
+    t_start = time.time()
+    best = -1.0
+    history = []
+    step = 0
+    next_eval = args.eval_every_s
+    run_loss = 0.0
+    run_hits: dict[str, list[int]] = defaultdict(list)
+    out_dir = Path(args.out)
+    model.train()
+    while True:
+        elapsed = time.time() - t_start
+        done = elapsed >= budget_s or (args.max_steps and step >= args.max_steps)
+        if elapsed >= next_eval or done:
+            res = evaluate(model, enc, held_feats, held)
+            res.update(step=step, minutes=round((time.time() - args.start_time) / 60, 1))
+            history.append(res)
+            log(f"EVAL step {step}: acc {res['accuracy']:.3f} " + " ".join(
+                f"{t}={res['by_type'].get(t, 0):.2f}" for t in EVAL_TYPES))
+            if res["accuracy"] > best:
+                best = res["accuracy"]
+                summary = {"args": {k: str(v) for k, v in vars(args).items() if k != "start_time"},
+                           "tower": tower_stats, "eval": res, "history": history}
+                save_checkpoint(model, tokenizer, shape, out_dir, summary)
+                log(f"saved best checkpoint (acc {best:.3f}) to {out_dir}")
+            next_eval = elapsed + args.eval_every_s
+            if done:
+                break
+        frac = min(1.0, elapsed / budget_s)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = rng.integers(0, len(clips), size=args.batch)
+        seqs = [enc.conversation(training_conversation(clips[i], rng, args.turns)) for i in idx]
+        width = max(len(s[0]) for s in seqs)
+        ids = torch.full((args.batch, width), enc.pad, dtype=torch.long)
+        labels = torch.full((args.batch, width), -100, dtype=torch.long)
+        for r, (s, lab) in enumerate(seqs):  # right padding: causal attention never looks ahead at it
+            ids[r, : len(s)] = torch.tensor(s)
+            labels[r, : len(s)] = torch.tensor(lab)
+        x = embed(model, ids, feats[torch.from_numpy(idx)], enc.video_id)  # (B, S, D)
+        target = labels[:, 1:]  # token t is predicted at position t−1
+        pos = (target != -100).nonzero()  # (K, 2)
+        logits = lm_logits(model, x, None, pos)  # (K, vocab)
+        tgt = target[pos[:, 0], pos[:, 1]]
+        loss = F.cross_entropy(logits, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        run_loss += loss.item()
+        if step % args.log_every == 0:
+            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {width} "
+                f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
+            run_loss = 0.0
+    del run_hits
+    return {"best_accuracy": best, "steps": step, "history": history}
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path: Path, num_questions: int, batch: int = 8) -> dict:
+    """Held-out accuracy of a saved checkpoint through the model's own forward (pixels in, tower run)."""
+    from transformers import AutoTokenizer
+
+    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    per_frame = model.config.video_seq_length // NUM_FRAMES
+    enc = Encoder(tokenizer, NUM_FRAMES * per_frame)
+    samples = held_out_set(num_questions)
+    hits: dict[str, list[int]] = defaultdict(list)
+    t0 = time.time()
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        seqs = [enc.first_prompt(s.qa.question) for s in chunk]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), enc.pad, dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, : len(q)] = torch.tensor(q)
+        frames = np.stack([s.clip.frames for s in chunk])  # (B, T, H, W, 3)
+        b, t = frames.shape[:2]
+        pix = pixels(frames.reshape(b * t, *frames.shape[2:])).reshape(b, t, 3, *frames.shape[2:4])
+        logits = model(input_ids=ids, pixel_values_videos=pix).logits  # (B, S, vocab)
+        pred = logits[torch.arange(b), torch.tensor([len(q) - 1 for q in seqs])].argmax(-1)
+        for s, p in zip(chunk, pred.tolist(), strict=True):
+            hits[s.qa.qtype].append(int(p == enc._ids(s.qa.answer, False)[0]))
+        if (i // batch) % 20 == 0:
+            log(f"  evaluated {i + len(chunk)}/{len(samples)} ({time.time() - t0:.0f}s)")
+    by_type = {t: float(np.mean(v)) for t, v in hits.items()}
+    return {"accuracy": float(np.mean([h for v in hits.values() for h in v])), "by_type": by_type,
+            "n": len(samples)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-time budget for the whole run")
+    ap.add_argument("--tower-minutes", type=float, default=5.0)
+    ap.add_argument("--tower-clips", type=int, default=3000)
+    ap.add_argument("--tower-batch", type=int, default=128)
+    ap.add_argument("--tower-lr", type=float, default=1e-3)
+    ap.add_argument("--clips", type=int, default=8000, help="training clips whose features are cached")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=10, help="questions per training conversation")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
+    ap.add_argument("--eval-questions", type=int, default=250, help="held-out questions checked while training")
+    ap.add_argument("--eval-every-s", type=float, default=300.0)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=demo_model_path())
+    for field in ("text_width", "text_layers", "text_heads", "text_ffn", "vision_width", "vision_layers"):
+        ap.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(DemoModelShape(), field))
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from a saved checkpoint: load all its weights and skip the tower stage")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="only measure the saved checkpoint at --out on --eval-questions held-out questions")
+    args = ap.parse_args(argv)
+    args.start_time = time.time()
+    torch.set_num_threads(2)
+    if args.evaluate_only:
+        res = evaluate_checkpoint(args.out, args.eval_questions)
+        log(f"held-out accuracy of {args.out}: {json.dumps(res)}")
+        return 0
+    torch.manual_seed(args.seed)
+    shape = DemoModelShape(text_width=args.text_width, text_layers=args.text_layers, text_heads=args.text_heads,
+                           text_ffn=args.text_ffn, vision_width=args.vision_width, vision_layers=args.vision_layers)
+    tokenizer = build_tokenizer()
+    model = VideoLlavaForConditionalGeneration(build_config(tokenizer, shape))
+    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; args {vars(args)}")
+    if args.init_from is not None:
+        saved = VideoLlavaForConditionalGeneration.from_pretrained(args.init_from)
+        model.load_state_dict(saved.state_dict())
+        summary = json.loads((args.init_from / "training_summary.json").read_text())
+        tower_stats = {**summary.get("tower", {}), "continued_from": summary.get("eval", {})}
+        log(f"continuing from {args.init_from} (held-out accuracy then {summary.get('eval', {}).get('accuracy')})")
+    else:
+        tower_stats = pretrain_tower(model, args)
+    result = train_lm(model, tokenizer, shape, args, tower_stats)
+    log(f"done: best held-out accuracy {result['best_accuracy']:.3f} after {result['steps']} steps, "
+        f"{(time.time() - args.start_time) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

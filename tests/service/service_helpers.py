@@ -1,0 +1,81 @@
+"""Helpers for the service tests: sample videos, a camera feed, a service running in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import numpy as np
+import redis
+
+from pipeline.loopback import write_video
+from pipeline.settings import load_settings
+from pipeline.synthetic import held_out_sample
+from workers.service import Service
+
+FPS = 8
+REPEAT = 4  # each of a clip's 8 frames is shown for REPEAT / FPS s: one clip = 4 s of video
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clip_video(path, index: int):
+    """A 4 s H.264 file of held-out clip ``index``; returns (path, sample)."""
+    sample = held_out_sample(index)
+    write_video(path, np.repeat(sample.clip.frames, REPEAT, axis=0), fps=FPS)
+    return path, sample
+
+
+def camera_frames(count: int = 16):
+    clips = [held_out_sample(i).clip.frames for i in range(count)]
+    per_clip = clips[0].shape[0] * REPEAT
+    return lambda n: clips[(n // per_clip) % count][(n % per_clip) // REPEAT]
+
+
+class RunningService:
+    """``Service`` driven by its own event loop in a thread, as ``serve`` drives it in the main one."""
+
+    def __init__(self, settings) -> None:
+        self.service = Service(settings).start()
+        self.redis = redis.Redis.from_url(self.service.redis_url)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self.service.run(self._stop))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=60)
+        self._loop.close()
+        self.redis.close()
+        self.service.stop()
+
+
+def service_settings(tmp_path, **extra: str):
+    overrides = {
+        "sources.allowed_roots": f"[{tmp_path}]",
+        "sources.file_backend": "pyav",
+        "redis.embedded_dir": str(tmp_path / "redis"),
+        "ray.num_cpus": "2",
+        "workers.torch_threads": "1",
+        "workers.max_active_jobs": "4",
+        "workers.clip_num_cpus": "0.25",
+        "workers.llm_num_cpus": "0.5",
+        "workers.max_batch_wait_ms": "200",
+        "queue.lease_s": "30",
+        "queue.heartbeat_s": "2",
+        "service.health_port": str(free_port()),
+        **extra,
+    }
+    return load_settings(overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+

@@ -1,0 +1,148 @@
+"""The service end to end: plain XADD in, answers and captions out, on a real Redis, real Ray, the demo model."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from service_helpers import clip_video
+
+from pipeline.ask import ask
+from pipeline.keys import RedisKeys
+from pipeline.schemas import JobRequest, WindowResult
+
+KEYS = RedisKeys()
+
+
+def xadd(r, payload) -> None:
+    r.xadd(KEYS.jobs, {"job": payload if isinstance(payload, str) else json.dumps(payload)})
+
+
+def wait_state(r, job_id: str, states=("done", "failed", "cancelled"), timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fields = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.job(job_id)).items()}
+        if fields.get("state") in states:
+            return fields
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {states}: {r.hgetall(KEYS.job(job_id))}")
+
+
+def results(r, job_id: str) -> list[WindowResult]:
+    return [WindowResult.model_validate_json(f[b"result"]) for _, f in r.xrange(KEYS.job_results(job_id))]
+
+
+@pytest.fixture(scope="module")
+def answerable(media, running):
+    """A held-out clip (as an H.264 file) whose question the unpruned demo model answers right locally."""
+    settings = running.service.settings
+    qa = None
+    for index in range(30):
+        path, sample = clip_video(media / f"clip{index}.mp4", index)
+        job = JobRequest(source=str(path), kind="ask", question=sample.qa.question, pruning="off")
+        from pipeline.ask import load_model
+
+        qa = qa or load_model(settings)
+        if ask(job, settings, qa).answer == sample.qa.answer:
+            return path, sample
+    raise AssertionError("the demo model answered none of 30 held-out questions right")
+
+
+def test_plain_xadd_question_is_answered_correctly_with_its_record(running, answerable):
+    r = running.redis
+    path, sample = answerable
+    xadd(r, {"job_id": "q-off", "source": str(path), "kind": "ask", "question": sample.qa.question,
+             "pruning": "off"})
+    xadd(r, {"job_id": "q-cls", "source": str(path), "kind": "ask", "question": sample.qa.question,
+             "pruning": {"encoder_reduction": 0.75, "temporal_strategy": "uniform"}})
+    assert wait_state(r, "q-off")["state"] == "done"
+    [off] = results(r, "q-off")
+    assert off.text == sample.qa.answer
+    assert off.visual_tokens_kept == off.visual_tokens_in
+    assert off.flops_ratio <= 1.0  # below 1 only because the tower stops at its feature layer
+    assert wait_state(r, "q-cls")["state"] == "done"
+    [pruned] = results(r, "q-cls")
+    assert pruned.visual_tokens_kept < pruned.visual_tokens_in
+    assert pruned.flops_ratio < off.flops_ratio
+    assert {"video_decode_s", "vision_s", "prefill_s"} <= set(pruned.timings_s)
+    assert len(pruned.frame_times_s) == 8 and pruned.end_s > pruned.start_s
+
+
+def test_caption_job_on_a_live_stream_runs_in_order_until_cancelled(running, camera):
+    r = running.redis
+    xadd(r, {"job_id": "cap-live", "source": camera.url, "kind": "caption",
+             "sampling": {"window_s": 2.0, "stride_s": 1.0, "frames_per_clip": 8}})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(results(r, "cap-live")) < 3:
+        time.sleep(0.3)
+    assert r.hget(KEYS.job("cap-live"), "state") == b"running"
+    r.hset(KEYS.job("cap-live"), "cancel_requested", "1")  # what `streamvlm cancel` does
+    assert wait_state(r, "cap-live")["state"] == "cancelled"
+    windows = results(r, "cap-live")
+    assert len(windows) >= 3
+    assert [w.window_index for w in windows] == list(range(len(windows)))
+    starts = [w.start_s for w in windows]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    for w in windows:
+        assert w.frame_times_s == sorted(w.frame_times_s) and w.text
+    events = [json.loads(f[b"event"])["kind"] for _, f in r.xrange(KEYS.job_events("cap-live"))]
+    assert "connected" in events
+
+
+def test_ten_jobs_at_once_are_batched_and_all_answered(running, answerable):
+    r = running.redis
+    path, sample = answerable
+    for i in range(10):
+        xadd(r, {"job_id": f"burst-{i}", "source": str(path), "kind": "ask", "question": sample.qa.question})
+    for i in range(10):
+        assert wait_state(r, f"burst-{i}")["state"] == "done"
+        assert len(results(r, f"burst-{i}")) == 1
+    host, port = running.service.health_server.address
+    metrics = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    single = _metric(metrics, 'streamvlm_llm_batch_size_bucket{le="1.0"}')
+    total = _metric(metrics, "streamvlm_llm_batch_size_count")
+    assert total > single, "no LLM batch held more than one request"
+    health = json.loads(urllib.request.urlopen(f"http://{host}:{port}/health", timeout=10).read())
+    assert health["status"] == "ok" and health["redis"]
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize(
+    "job_id, payload, expected",
+    [
+        ("m-json", "{not json", "not JSON"),
+        ("m-field", {"job_id": "m-field", "source": "a.mp4", "kind": "ask", "question": "q", "speed": 3},
+         "speed: unknown field"),
+        ("m-path", {"job_id": "m-path", "source": "/etc/passwd", "kind": "ask", "question": "q"},
+         "outside the allowed roots"),
+        ("m-url", {"job_id": "m-url", "source": "http://127.0.0.1:9/none.ts", "kind": "ask", "question": "q"},
+         "SourceNotFound"),
+        ("m-prune", {"job_id": "m-prune", "source": "a.mp4", "kind": "ask", "question": "q",
+                     "pruning": {"fastv_k": 99, "fastv_ratio": 0.5}}, "fastv_k=99"),
+    ],
+)
+def test_bad_jobs_fail_readably_and_the_service_keeps_serving(running, answerable, job_id, payload, expected):
+    r = running.redis
+    xadd(r, payload)
+    if job_id == "m-json":
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            failed = [k for k in r.scan_iter(KEYS.job("entry-*")) if r.hget(k, "state") == b"failed"]
+            if failed:
+                break
+            time.sleep(0.2)
+        assert any(expected in r.hget(k, "error").decode() for k in failed)
+    else:
+        state = wait_state(r, job_id, timeout_s=60)
+        assert state["state"] == "failed" and expected in state["error"]
+    path, sample = answerable
+    xadd(r, {"job_id": f"after-{job_id}", "source": str(path), "kind": "ask", "question": sample.qa.question})
+    assert wait_state(r, f"after-{job_id}")["state"] == "done"

@@ -1,0 +1,91 @@
+"""The clip actor: opens one job's source, cuts its clips, runs the vision tower with [CLS] scoring and
+the temporal budget, and hands on only the kept pre-projector features, cast to a reduced precision.
+
+The service keeps a pool of these (``workers.max_active_jobs``), each serving one job at a time; the
+model is loaded once per actor. One call = one clip.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+from pipeline.inference import VideoQA
+from pipeline.jobs import JobClips, effective_pruning
+from pipeline.schemas import JobRequest
+from pipeline.settings import Settings
+from pipeline.sources import SourceEvent
+
+SHIP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ClipActor:
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        if settings.workers.torch_threads:
+            torch.set_num_threads(settings.workers.torch_threads)
+        self.settings = settings
+        m = settings.model
+        self.qa = VideoQA.load(model_path, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        self.ship_dtype = SHIP_DTYPES[settings.workers.ship_dtype]
+        self.clips: JobClips | None = None
+        self.events: list[SourceEvent] = []
+
+    def open(self, job: JobRequest, first_window: int) -> dict[str, Any]:
+        """Open the job's source; source errors (forbidden, not found, corrupt …) propagate typed."""
+        self.close()
+        self.events = []
+        self.config = effective_pruning(job, self.settings, self.qa.pruned.config)
+        self.clips = JobClips(job, self.settings, first_window, on_event=self.events.append)
+        return {"live": self.clips.live}
+
+    @ray.method(num_returns=2)
+    def next_clip(self) -> tuple[dict[str, Any], Any]:
+        """(meta, kept visual tokens) for the next clip, or ({"end": True, ...}, None) when there is none."""
+        assert self.clips is not None, "open() first"
+        start = time.perf_counter()
+        clip = self.clips.next()
+        decode_s = time.perf_counter() - start
+        events, self.events = self.events, []
+        if clip is None:
+            return {"end": True, "events": events}, None
+        visual = self.qa.encode(clip.frames, self.config)
+        shipped = visual.to(dtype=self.ship_dtype)
+        meta = {
+            "end": False,
+            "window_index": clip.window_index,
+            "start_s": float(clip.start_s),
+            "end_s": float(clip.end_s),
+            "frame_times_s": [float(t) for t in clip.timestamps_s],
+            "frames_dropped": int(clip.dropped_frames),
+            "gap_before_s": float(sum(g.duration_s for g in clip.gaps)) if clip.gaps else None,
+            "timings_s": {"video_decode_s": decode_s, **visual.timings_s},
+            "bytes_shipped": int(shipped.features.numel() * shipped.features.element_size()),
+            "events": events,
+        }
+        return meta, shipped
+
+    def stop(self) -> None:
+        if self.clips is not None:
+            self.clips.stop()
+
+    def close(self) -> None:
+        if self.clips is not None:
+            self.clips.close()
+            self.clips = None
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def clip_actor_class(num_cpus: float, max_restarts: int):
+    # A restarted actor has lost its open source: the service reopens the job from its checkpoint,
+    # so Ray must not replay calls on it (max_task_retries=0).
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(ClipActor)

@@ -1,0 +1,334 @@
+"""``streamvlm serve``: Redis jobs → clip actors (decode + prune) → LLM workers (batched FastV) → Redis results.
+
+The driver process owns every Redis write; actors only compute. Per running job, one asyncio task:
+
+    open source on an idle clip actor (from the job's checkpoint)
+    loop: clip actor → meta + kept tokens (an ObjectRef: the tokens go actor → LLM worker directly)
+          LLM worker → answer → store_result (idempotent per window) → next
+    finish: done | failed (bad input: never retried) | cancelled; or, if an actor died, give the job
+    back for another delivery (it resumes from its checkpoint; after max_deliveries → dead letter).
+
+Backpressure: at most ``max_active_jobs`` jobs run per service process (the rest wait in Redis, not
+in memory), each with at most one clip in flight ahead of the LLM; live sources drop their oldest
+frames when their buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from transformers import AutoConfig
+
+from pipeline.connect import job_queue, make_client, start_embedded
+from pipeline.demo_model import demo_model_path
+from pipeline.jobs import effective_generation, effective_pruning
+from pipeline.queue import Accepted, JobQueue
+from pipeline.redis_server import EmbeddedRedis
+from pipeline.schemas import JobState, SourceEvent, WindowResult
+from pipeline.settings import Settings
+from pipeline.sources import SourceError
+from workers.clip_actor import clip_actor_class
+from workers.llm_worker import llm_worker_actor
+from workers.metrics import HealthServer, ServiceMetrics
+
+log = logging.getLogger("streamvlm.service")
+
+# Errors of the job's own making: retrying cannot help, the job fails at once with the message.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (SourceError, ValueError)
+# The actor died or vanished mid-call: the job is given back and redelivered.
+ACTOR_LOST: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+class ServiceStartError(RuntimeError):
+    """The service cannot start as configured (resources, model, Redis)."""
+
+
+@dataclass
+class _Running:
+    accepted: Accepted
+    task: asyncio.Task
+    windows: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Service:
+    def __init__(self, settings: Settings, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = ServiceMetrics()
+        self.embedded: EmbeddedRedis | None = None
+        self.redis_url = ""
+        self.queue: JobQueue | None = None
+        self.health_server: HealthServer | None = None
+        self.running: dict[str, _Running] = {}
+        self._stopping = asyncio.Event()
+        self._idle_clip_actors: asyncio.Queue | None = None
+        self._llm_cycle: Any = None
+        self.llm_workers: list[Any] = []
+        self.clip_actors: list[Any] = []
+        self.model_config: Any = None
+
+    # -- start / stop ------------------------------------------------------------------------------
+    def start(self) -> Service:
+        s = self.settings
+        if s.redis.url is None:
+            self.embedded = start_embedded(s)
+            from pipeline.connect import client_url
+
+            self.redis_url = client_url(s)
+        else:
+            self.redis_url = s.redis.url.get_secret_value()
+        self.queue = job_queue(s, make_client(self.redis_url), self.consumer)
+        self.queue.ensure_group()
+
+        model_path = str(s.model.path or demo_model_path())
+        self.model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=s.model.trust_remote_code)
+        if not ray.is_initialized():
+            address = s.ray.address or os.environ.get("RAY_ADDRESS")
+            ray.init(address=address, num_cpus=None if address else s.ray.num_cpus,
+                     include_dashboard=s.ray.include_dashboard, dashboard_host=s.ray.dashboard_host,
+                     log_to_driver=False, configure_logging=False)
+        w = s.workers
+        llm_cls = llm_worker_actor(w.llm_num_gpus, w.llm_num_cpus, w.llm_resources, w.max_restarts)
+        self.llm_workers = [
+            llm_cls.remote(model_path, s.model.device, s.model.dtype, s.model.trust_remote_code,
+                           w.max_batch_size, w.max_batch_wait_ms, w.torch_threads)
+            for _ in range(w.llm_workers)
+        ]
+        clip_cls = clip_actor_class(w.clip_num_cpus, w.max_restarts)
+        self.clip_actors = [clip_cls.remote(s, model_path) for _ in range(w.max_active_jobs)]
+        self._check_resources()
+        # Wait until every actor has loaded its model, so a broken checkpoint fails start-up, not jobs.
+        try:
+            ray.get([a.pid.remote() for a in self.llm_workers + self.clip_actors], timeout=s.workers.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ServiceStartError(
+                f"the actors did not start within workers.start_timeout_s={s.workers.start_timeout_s:g} s; "
+                f"cluster resources: {ray.cluster_resources()}") from None
+        self._llm_cycle = itertools.cycle(self.llm_workers)
+        if s.service.health_port:
+            self.health_server = HealthServer(self.metrics, self.health, s.service.health_host,
+                                              s.service.health_port).start()
+        return self
+
+    def _check_resources(self) -> None:
+        w = self.settings.workers
+        need = {"CPU": w.llm_workers * w.llm_num_cpus + w.max_active_jobs * w.clip_num_cpus,
+                "GPU": w.llm_workers * w.llm_num_gpus}
+        for name, amount in w.llm_resources.items():
+            need[name] = need.get(name, 0.0) + w.llm_workers * amount
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+        if short:
+            detail = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+            raise ServiceStartError(
+                f"the Ray cluster cannot hold the configured actors ({detail}); lower workers.max_active_jobs, "
+                "workers.clip_num_cpus, workers.llm_num_cpus or workers.llm_workers, or add nodes")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.health_server is not None:
+            self.health_server.stop()
+            self.health_server = None
+        for actor in self.llm_workers + self.clip_actors:
+            ray.kill(actor, no_restart=True)
+        self.llm_workers, self.clip_actors = [], []
+        if self.queue is not None:
+            self.queue.r.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def health(self) -> dict[str, Any]:
+        try:
+            redis_ok = bool(self.queue and self.queue.r.ping())
+        except Exception:  # noqa: BLE001 - health reports, never raises
+            redis_ok = False
+        return {"status": "ok" if redis_ok and self.llm_workers else "degraded", "redis": redis_ok,
+                "jobs_running": len(self.running), "llm_workers": len(self.llm_workers),
+                "clip_actors": len(self.clip_actors), "consumer": self.consumer}
+
+    # -- main loop ---------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        assert self.queue is not None, "start() first"
+        self._stopping = stop or self._stopping
+        self._idle_clip_actors = asyncio.Queue()
+        for actor in self.clip_actors:
+            self._idle_clip_actors.put_nowait(actor)
+        heartbeat = asyncio.create_task(self._heartbeats())
+        try:
+            while not self._stopping.is_set():
+                free = self.settings.workers.max_active_jobs - len(self.running)
+                if free <= 0:
+                    await asyncio.sleep(0.05)
+                    continue
+                try:
+                    deliveries = await asyncio.to_thread(self.queue.fetch, free, 500)
+                    self.metrics.queue_depth.set(self.queue.depth())
+                except Exception as exc:  # noqa: BLE001 - Redis away: back off, keep serving once it returns
+                    log.warning("fetching jobs failed: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for delivery in deliveries:
+                    accepted = self.queue.accept(delivery)
+                    if accepted is None:
+                        continue
+                    job_id = accepted.job.job_id
+                    task = asyncio.create_task(self._run_job(accepted), name=f"job {job_id}")
+                    self.running[job_id] = _Running(accepted, task)
+                    self.metrics.jobs_running.set(len(self.running))
+        finally:
+            heartbeat.cancel()
+            for r in list(self.running.values()):
+                r.task.cancel()
+            await asyncio.gather(*(r.task for r in self.running.values()), return_exceptions=True)
+
+    async def _heartbeats(self) -> None:
+        assert self.queue is not None
+        while True:
+            await asyncio.sleep(self.settings.queue.heartbeat_s)
+            for job_id, r in list(self.running.items()):
+                try:
+                    owned = await asyncio.to_thread(self.queue.heartbeat, r.accepted.entry_id)
+                except Exception as exc:  # noqa: BLE001 - Redis away: the next beat retries
+                    log.warning("heartbeat for %s failed: %s", job_id, exc)
+                    continue
+                if not owned:
+                    log.warning("job %s was reclaimed by another consumer; stopping here", job_id)
+                    r.task.cancel()
+
+    async def _run_job(self, accepted: Accepted) -> None:
+        q = self.queue
+        assert q is not None and self._idle_clip_actors is not None
+        job, entry = accepted.job, accepted.entry_id
+        try:
+            config = effective_pruning(job, self.settings, self.model_config)
+            gen = effective_generation(job, self.settings)
+        except ValueError as exc:
+            self._end(job.job_id, entry, JobState.failed, f"invalid job: {exc}")
+            return
+        actor = await self._idle_clip_actors.get()
+        try:
+            await actor.open.remote(job, accepted.status.checkpoint)
+            next_clip = actor.next_clip.remote()
+            while True:
+                if q.cancel_requested(job.job_id):
+                    actor.stop.remote()
+                    self._end(job.job_id, entry, JobState.cancelled, "cancelled by request")
+                    return
+                if job.deadline is not None and time.time() > job.deadline.timestamp():
+                    self._end(job.job_id, entry, JobState.failed, "deadline passed before the job finished")
+                    return
+                meta_ref, tokens_ref = next_clip
+                meta = await meta_ref
+                self._publish_events(job.job_id, meta["events"])
+                if meta["end"]:
+                    break
+                if job.kind == "caption":
+                    next_clip = actor.next_clip.remote()  # decode the next window while the LLM works
+                llm = next(self._llm_cycle)
+                answer = await llm.generate.remote(tokens_ref, job.text, config, gen.max_new_tokens,
+                                                   gen.temperature)
+                result = self._result(job.job_id, meta, answer)
+                final = job.kind == "ask"
+                await asyncio.to_thread(q.store_result, result, entry, final)
+                self._observe(meta, answer)
+                if final:
+                    self.metrics.jobs.labels(JobState.done.value).inc()
+                    return
+            self._end(job.job_id, entry, JobState.done)
+        except asyncio.CancelledError:
+            actor.stop.remote()
+            raise
+        except PERMANENT_ERRORS as exc:
+            self._end(job.job_id, entry, JobState.failed, _message(exc))
+        except ACTOR_LOST as exc:
+            log.warning("job %s: an actor died (%s); giving the job back", job.job_id, type(exc).__name__)
+            q.note_error(job.job_id, f"worker died: {type(exc).__name__}")
+            q.release(entry)
+            self.metrics.redeliveries.inc()
+        except RayTaskError as exc:  # an unexpected error inside an actor: retried up to max_deliveries
+            log.exception("job %s failed in an actor", job.job_id)
+            q.note_error(job.job_id, _message(exc))
+            q.release(entry)
+            self.metrics.redeliveries.inc()
+        finally:
+            actor.close.remote()
+            self._idle_clip_actors.put_nowait(actor)
+            self.running.pop(job.job_id, None)
+            self.metrics.jobs_running.set(len(self.running))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _end(self, job_id: str, entry: str, state: JobState, error: str = "") -> None:
+        assert self.queue is not None
+        self.queue.finish(job_id, entry, state, error)
+        self.metrics.jobs.labels(state.value).inc()
+        log.info("job %s %s%s", job_id, state.value, f": {error}" if error else "")
+
+    def _result(self, job_id: str, meta: dict[str, Any], answer: Any) -> WindowResult:
+        timings = {**meta["timings_s"], **answer.timings_s}
+        return WindowResult(
+            job_id=job_id, window_index=meta["window_index"], start_s=meta["start_s"], end_s=meta["end_s"],
+            frame_times_s=meta["frame_times_s"], text=answer.text, visual_tokens_in=answer.visual_tokens_in,
+            visual_tokens_kept=answer.visual_tokens_kept, flops_ratio=answer.flops_ratio, timings_s=timings,
+            frames_dropped=meta["frames_dropped"], gap_before_s=meta["gap_before_s"], worker=self.consumer,
+        )
+
+    def _observe(self, meta: dict[str, Any], answer: Any) -> None:
+        m = self.metrics
+        for stage, seconds in {**meta["timings_s"], **answer.timings_s}.items():
+            m.stage_seconds.labels(stage.removesuffix("_s")).observe(seconds)
+        m.windows.inc()
+        m.batch_size.observe(answer.batch_size)
+        m.visual_tokens_in.inc(answer.visual_tokens_in)
+        m.visual_tokens_kept.inc(answer.visual_tokens_kept)
+        m.flops_saved.inc(max(0.0, 1.0 - answer.flops_ratio))
+        m.dropped_frames.inc(meta["frames_dropped"])
+
+    def _publish_events(self, job_id: str, events: list[Any]) -> None:
+        assert self.queue is not None
+        for ev in events:
+            out = SourceEvent(job_id=job_id, kind=ev.status.value, reason=ev.reason, at=ev.wall_time)
+            self.queue.r.xadd(self.queue.keys.job_events(job_id), {"event": out.model_dump_json()},
+                              maxlen=self.settings.queue.stream_maxlen, approximate=True)
+            self.metrics.source_events.labels(out.kind).inc()
+
+
+def _message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}"
+
+
+def serve_forever(settings: Settings) -> None:
+    """Run the service until SIGINT/SIGTERM."""
+    import signal
+
+    service = Service(settings).start()
+    where = service.redis_url + (" (embedded, data in " + str(Path(settings.redis.embedded_dir).resolve()) + ")"
+                                 if service.embedded else "")
+    print(f"streamvlm serve: Redis at {where}; consumer {service.consumer}", flush=True)
+    if service.health_server is not None:
+        host, port = service.health_server.address
+        print(f"streamvlm serve: health on http://{host}:{port}/health, metrics on /metrics", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        service.stop()
