@@ -23,20 +23,6 @@ from pipeline.settings import ConfigError, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BUILT = 0, 1, 2, 3
 
-# Subcommands that later issues fill in: name → (help, issue that builds it).
-PLANNED: dict[str, tuple[str, int]] = {
-    "eval": ("accuracy against visual-token budget for every pruning method", 4),
-}
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace, Settings], int]:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        print(f"streamvlm {name}: not built yet (tracked in issue #{PLANNED[name][1]})", file=sys.stderr)
-        return EXIT_NOT_BUILT
-
-    return run
-
-
 def _pruning_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning (unset: the service's defaults)")
     g.add_argument("--no-pruning", action="store_true", help="turn every kind of pruning off")
@@ -184,6 +170,17 @@ def _ask(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    # Parsed after the import, like the benchmarks: --help elsewhere stays fast.
+    mod = importlib.import_module("pipeline.eval")
+    parser = argparse.ArgumentParser(prog="streamvlm eval", description=EVAL_HELP)
+    mod.add_arguments(parser)
+    return mod.run(parser.parse_args(args.bench_args), settings)
+
+
+EVAL_HELP = "accuracy against visual-token budget for every pruning method, on the demo model's held-out set"
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from workers.demo import run_demo
 
@@ -253,9 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    for name, (help_text, _issue) in PLANNED.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(run=_not_built(name))
+    p = sub.add_parser("eval", help=EVAL_HELP, description=EVAL_HELP, add_help=False)
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("demo", help="the main job on embedded defaults: a sample video and a live loopback "
                                     "camera through Redis and Ray; answers, captions and what pruning saved")
@@ -340,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "command", None) == "bench" and getattr(args, "what", None) in BENCHMARKS:
+    if getattr(args, "command", None) == "eval" or (
+            getattr(args, "command", None) == "bench" and getattr(args, "what", None) in BENCHMARKS):
         args.bench_args = extra  # the benchmark parses its own flags
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
