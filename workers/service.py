@@ -184,6 +184,8 @@ class Service:
                     if accepted is None:
                         continue
                     job_id = accepted.job.job_id
+                    log.info("job running (delivery %d, from window %d)", accepted.status.deliveries,
+                             accepted.status.checkpoint, extra={"job_id": job_id, "state": "running"})
                     task = asyncio.create_task(self._run_job(accepted), name=f"job {job_id}")
                     self.running[job_id] = _Running(accepted, task)
                     self.metrics.jobs_running.set(len(self.running))
@@ -201,10 +203,10 @@ class Service:
                 try:
                     owned = await asyncio.to_thread(self.queue.heartbeat, r.accepted.entry_id)
                 except Exception as exc:  # noqa: BLE001 - Redis away: the next beat retries
-                    log.warning("heartbeat for %s failed: %s", job_id, exc)
+                    log.warning("heartbeat failed: %s", exc, extra={"job_id": job_id})
                     continue
                 if not owned:
-                    log.warning("job %s was reclaimed by another consumer; stopping here", job_id)
+                    log.warning("reclaimed by another consumer; stopping here", extra={"job_id": job_id})
                     r.task.cancel()
 
     async def _run_job(self, accepted: Accepted) -> None:
@@ -240,11 +242,14 @@ class Service:
                 answer = await llm.generate.remote(tokens_ref, job.text, config, gen.max_new_tokens,
                                                    gen.temperature)
                 result = self._result(job.job_id, meta, answer)
+                log.info("window %d stored", meta["window_index"],
+                         extra={"job_id": job.job_id, "window": meta["window_index"]})
                 final = job.kind == "ask"
                 await asyncio.to_thread(q.store_result, result, entry, final)
                 self._observe(meta, answer)
                 if final:
                     self.metrics.jobs.labels(JobState.done.value).inc()
+                    log.info("job done", extra={"job_id": job.job_id, "state": JobState.done.value})
                     return
             self._end(job.job_id, entry, JobState.done)
         except asyncio.CancelledError:
@@ -253,12 +258,13 @@ class Service:
         except PERMANENT_ERRORS as exc:
             self._end(job.job_id, entry, JobState.failed, _message(exc))
         except ACTOR_LOST as exc:
-            log.warning("job %s: an actor died (%s); giving the job back", job.job_id, type(exc).__name__)
+            log.warning("an actor died (%s); giving the job back", type(exc).__name__,
+                        extra={"job_id": job.job_id})
             q.note_error(job.job_id, f"worker died: {type(exc).__name__}")
             q.release(entry)
             self.metrics.redeliveries.inc()
         except RayTaskError as exc:  # an unexpected error inside an actor: retried up to max_deliveries
-            log.exception("job %s failed in an actor", job.job_id)
+            log.exception("failed in an actor; the job will be retried", extra={"job_id": job.job_id})
             q.note_error(job.job_id, _message(exc))
             q.release(entry)
             self.metrics.redeliveries.inc()
@@ -273,7 +279,8 @@ class Service:
         assert self.queue is not None
         self.queue.finish(job_id, entry, state, error)
         self.metrics.jobs.labels(state.value).inc()
-        log.info("job %s %s%s", job_id, state.value, f": {error}" if error else "")
+        log.info("job %s%s", state.value, f": {error}" if error else "",
+                 extra={"job_id": job_id, "state": state.value})
 
     def _result(self, job_id: str, meta: dict[str, Any], answer: Any) -> WindowResult:
         timings = {**meta["timings_s"], **answer.timings_s}
@@ -313,6 +320,9 @@ def serve_forever(settings: Settings) -> None:
     """Run the service until SIGINT/SIGTERM."""
     import signal
 
+    from workers.logs import configure
+
+    configure(settings.service.log_level)
     service = Service(settings).start()
     where = service.redis_url + (" (embedded, data in " + str(Path(settings.redis.embedded_dir).resolve()) + ")"
                                  if service.embedded else "")
