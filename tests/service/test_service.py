@@ -6,12 +6,16 @@ import json
 import time
 import urllib.request
 
+import numpy as np
 import pytest
-from service_helpers import clip_video
+import ray
+from service_helpers import FPS, REPEAT, clip_video
 
 from pipeline.ask import ask
 from pipeline.keys import RedisKeys
+from pipeline.loopback import write_video
 from pipeline.schemas import JobRequest, WindowResult
+from pipeline.synthetic import held_out_sample
 
 KEYS = RedisKeys()
 
@@ -146,3 +150,21 @@ def test_bad_jobs_fail_readably_and_the_service_keeps_serving(running, answerabl
     path, sample = answerable
     xadd(r, {"job_id": f"after-{job_id}", "source": str(path), "kind": "ask", "question": sample.qa.question})
     assert wait_state(r, f"after-{job_id}")["state"] == "done"
+
+
+def test_killed_actors_restart_and_the_job_resumes_without_duplicates(running, media):
+    frames = np.concatenate([np.repeat(held_out_sample(i).clip.frames, REPEAT, axis=0) for i in range(6)])
+    path = write_video(media / "six_clips.mp4", frames, fps=FPS)  # 6 × 4 s
+    r = running.redis
+    xadd(r, {"job_id": "crash", "source": str(path), "kind": "caption",
+             "sampling": {"window_s": 4.0, "stride_s": 4.0}})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(results(r, "crash")) < 2:
+        time.sleep(0.1)
+    for actor in running.service.clip_actors + running.service.llm_workers:
+        ray.kill(actor, no_restart=False)  # a crash: Ray restarts them (max_restarts)
+    state = wait_state(r, "crash", timeout_s=300)
+    assert state["state"] == "done", state
+    windows = [w.window_index for w in results(r, "crash")]
+    assert windows == list(range(6))  # every window exactly once, in order
+    assert int(state["deliveries"]) >= 2  # it was given back and resumed from its checkpoint
