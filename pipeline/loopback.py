@@ -47,8 +47,10 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray] | np.ndarray, fps
 class LoopbackCamera:
     """An endless live stream at ``http://127.0.0.1:PORT/live.ts``; every GET gets the stream from now on."""
 
-    def __init__(self, frame: FrameFn, fps: float = 8.0, port: int = 0, epoch: float | None = None) -> None:
+    def __init__(self, frame: FrameFn, fps: float = 8.0, port: int = 0, epoch: float | None = None,
+                 keyint: int | None = None) -> None:
         self.frame, self.fps = frame, fps
+        self.keyint = keyint or max(1, int(fps))  # frames between keyframes: how soon a new reader sees a picture
         self.epoch = time.time() if epoch is None else epoch
         self.port = port
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -70,10 +72,7 @@ class LoopbackCamera:
                 self.send_response(200)
                 self.send_header("Content-Type", "video/mp2t")
                 self.end_headers()
-                try:
-                    camera._stream(self.wfile)
-                except (OSError, ValueError, av.error.FFmpegError):
-                    pass  # the reader went away, or the camera was stopped
+                camera.stream_to(self.wfile)
 
         self._stopped.clear()
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
@@ -83,6 +82,13 @@ class LoopbackCamera:
         self._thread.start()
         return self
 
+    def stream_to(self, wfile) -> None:
+        """Write the stream to ``wfile`` until the reader goes away or the camera stops."""
+        try:
+            self._stream(wfile)
+        except (OSError, ValueError, av.error.FFmpegError):
+            pass  # the reader went away, or the camera was stopped
+
     def _stream(self, wfile) -> None:
         first = self.frame(0)
         height, width = first.shape[:2]
@@ -90,9 +96,8 @@ class LoopbackCamera:
             rate = Fraction(self.fps).limit_denominator(1000)
             stream = out.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            keyint = max(1, int(self.fps))
-            stream.codec_context.gop_size = keyint
-            stream.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": f"keyint={keyint}"}
+            stream.codec_context.gop_size = self.keyint
+            stream.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": f"keyint={self.keyint}"}
             number = int((time.time() - self.epoch) * self.fps)
             while not self._stopped.is_set():
                 delay = self.epoch + number / self.fps - time.time()

@@ -1,70 +1,23 @@
 """A live MPEG-TS camera for tests: ``python sources_live_server.py PORT EPOCH [--fps N] [--tcp]``.
 
-Every GET (or, with --tcp, every TCP connection) gets an endless H.264 MPEG-TS stream, encoded as it is sent at real-time pace. Frame
-numbers (drawn into the picture by media.frame_picture) count from EPOCH, a wall-clock time, so a
-restarted server continues where the clock is and the gap is visible in the pictures.
+Every GET (or, with --tcp, every TCP connection) gets an endless H.264 MPEG-TS stream, encoded as it is
+sent at real-time pace (``pipeline.loopback.LoopbackCamera``). Frame numbers (drawn into the picture by
+media.frame_picture) count from EPOCH, a wall-clock time, so a restarted server continues where the
+clock is and the gap is visible in the pictures.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.server
 import socketserver
 import sys
-import time
-from fractions import Fraction
+import threading
 from pathlib import Path
-
-import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sources_media import frame_picture  # noqa: E402
 
-
-class RawTCPHandler(socketserver.StreamRequestHandler):
-    """``--tcp``: the same MPEG-TS written straight onto the socket (what ``tcp://`` reads)."""
-
-    def handle(self) -> None:
-        try:
-            Handler._stream(self)  # type: ignore[arg-type]
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    fps = 20
-    epoch = 0.0
-
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        self.send_response(200)
-        self.send_header("Content-Type", "video/mp2t")
-        self.end_headers()
-        try:
-            self._stream()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def _stream(self) -> None:
-        with av.open(self.wfile, "w", format="mpegts", options={"flush_packets": "1"}, buffer_size=4096) as out:
-            stream = out.add_stream("libx264", rate=self.fps)
-            stream.width, stream.height, stream.pix_fmt = 128, 64, "yuv420p"
-            stream.codec_context.gop_size = self.fps // 2
-            stream.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": f"keyint={self.fps // 2}"}
-            number = int((time.time() - self.epoch) * self.fps)
-            while True:
-                due = self.epoch + number / self.fps
-                delay = due - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-                frame = av.VideoFrame.from_ndarray(frame_picture(number), format="rgb24")
-                frame.pts, frame.time_base = number, Fraction(1, self.fps)
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-                self.wfile.flush()
-                number += 1
+from pipeline.loopback import LoopbackCamera  # noqa: E402
 
 
 def main() -> None:
@@ -74,16 +27,21 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=20)
     parser.add_argument("--tcp", action="store_true", help="raw MPEG-TS over TCP instead of HTTP")
     args = parser.parse_args()
-    Handler.fps, Handler.epoch = args.fps, args.epoch
-    RawTCPHandler.fps, RawTCPHandler.epoch = args.fps, args.epoch
+    camera = LoopbackCamera(frame_picture, fps=args.fps, port=args.port, epoch=args.epoch,
+                            keyint=max(1, args.fps // 2))
     if args.tcp:
+        class RawTCPHandler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                camera.stream_to(self.wfile)
+
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         server = socketserver.ThreadingTCPServer(("127.0.0.1", args.port), RawTCPHandler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     else:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
+        camera.start()
     print("ready", flush=True)
-    server.serve_forever()
+    threading.Event().wait()
 
 
 if __name__ == "__main__":
