@@ -203,8 +203,11 @@ class JobQueue:
         return int(self.r.xlen(self.keys.jobs))
 
     # -- consumer side -----------------------------------------------------------------------
-    def fetch(self, count: int = 1, block_ms: int = 1000) -> list[Delivery]:
-        """Up to ``count`` entries: those of dead consumers (idle > lease) first, then new ones."""
+    def fetch(self, count: int = 1, block_ms: int | None = 1000) -> list[Delivery]:
+        """Up to ``count`` entries: those of dead consumers (idle > lease) first, then new ones.
+
+        ``block_ms``: how long to wait for a new entry; None returns at once.
+        """
         out: list[Delivery] = []
         # Redis 6.2 answers [next, claimed]; 7+ adds the ids of entries deleted while pending.
         claimed = self.r.xautoclaim(

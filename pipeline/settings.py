@@ -113,6 +113,9 @@ class WorkerSettings(_Section):
     # 4 clip actors × 0.25 + 1 LLM worker × 1 = 2 CPUs: the defaults fit a 2-core laptop.
     clip_num_cpus: float = Field(0.25, ge=0.0)
     max_active_jobs: int = Field(4, ge=1)
+    # Jobs read ahead of free slots (pending to this service, heartbeated): a higher priority among
+    # them starts first.
+    priority_lookahead: int = Field(8, ge=1)
     max_restarts: int = Field(3, ge=-1)
     # Threads each actor's torch uses (None: torch's default, all cores).
     torch_threads: int | None = Field(None, ge=1)

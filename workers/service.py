@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ from transformers import AutoConfig
 from pipeline.connect import job_queue, make_client, start_embedded
 from pipeline.demo_model import demo_model_path
 from pipeline.jobs import effective_generation, effective_pruning
-from pipeline.queue import Accepted, JobQueue
+from pipeline.queue import JOB_FIELD, Accepted, Delivery, JobQueue
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.schemas import JobState, SourceEvent, WindowResult
 from pipeline.settings import Settings
@@ -71,6 +72,9 @@ class Service:
         self.queue: JobQueue | None = None
         self.health_server: HealthServer | None = None
         self.running: dict[str, _Running] = {}
+        # Entries read from the stream (pending to this consumer) and not started yet: the lookahead
+        # inside which a higher priority goes first. Bounded by workers.priority_lookahead.
+        self._held: list[Delivery] = []
         self._stopping = asyncio.Event()
         self._idle_clip_actors: asyncio.Queue | None = None
         self._llm_cycle: Any = None
@@ -166,39 +170,62 @@ class Service:
         for actor in self.clip_actors:
             self._idle_clip_actors.put_nowait(actor)
         heartbeat = asyncio.create_task(self._heartbeats())
+        w = self.settings.workers
         try:
             while not self._stopping.is_set():
-                free = self.settings.workers.max_active_jobs - len(self.running)
-                if free <= 0:
-                    await asyncio.sleep(0.05)
-                    continue
-                try:
-                    deliveries = await asyncio.to_thread(self.queue.fetch, free, 500)
-                    self.metrics.queue_depth.set(self.queue.depth())
-                except Exception as exc:  # noqa: BLE001 - Redis away: back off, keep serving once it returns
-                    log.warning("fetching jobs failed: %s", exc)
-                    await asyncio.sleep(1.0)
-                    continue
-                for delivery in deliveries:
-                    accepted = self.queue.accept(delivery)
-                    if accepted is None:
+                free = w.max_active_jobs - len(self.running)
+                room = w.priority_lookahead - len(self._held)
+                if room > 0:
+                    # Block only when there is nothing else to do: no held job waits for a free slot.
+                    block_ms = None if (self._held and free > 0) else (500 if free > 0 else 100)
+                    try:
+                        self._held.extend(await asyncio.to_thread(self.queue.fetch, room, block_ms))
+                        self.metrics.queue_depth.set(self.queue.depth())
+                    except Exception as exc:  # noqa: BLE001 - Redis away: back off, keep serving once it returns
+                        log.warning("fetching jobs failed: %s", exc)
+                        await asyncio.sleep(1.0)
                         continue
-                    job_id = accepted.job.job_id
-                    log.info("job running (delivery %d, from window %d)", accepted.status.deliveries,
-                             accepted.status.checkpoint, extra={"job_id": job_id, "state": "running"})
-                    task = asyncio.create_task(self._run_job(accepted), name=f"job {job_id}")
-                    self.running[job_id] = _Running(accepted, task)
-                    self.metrics.jobs_running.set(len(self.running))
+                elif free <= 0:
+                    await asyncio.sleep(0.05)
+                while free > 0 and self._held:
+                    # Highest priority first; among equals, the oldest entry (stream ids grow with time).
+                    delivery = max(self._held, key=_start_order)
+                    self._held.remove(delivery)
+                    if self._start(delivery):
+                        free -= 1
         finally:
             heartbeat.cancel()
+            for delivery in self._held:  # not started: give them back for anyone, now
+                self.queue.release(delivery.entry_id)
+            self._held.clear()
             for r in list(self.running.values()):
                 r.task.cancel()
             await asyncio.gather(*(r.task for r in self.running.values()), return_exceptions=True)
+
+    def _start(self, delivery: Delivery) -> bool:
+        assert self.queue is not None
+        accepted = self.queue.accept(delivery)
+        if accepted is None:
+            return False
+        job_id = accepted.job.job_id
+        log.info("job running (delivery %d, from window %d)", accepted.status.deliveries,
+                 accepted.status.checkpoint, extra={"job_id": job_id, "state": "running"})
+        task = asyncio.create_task(self._run_job(accepted), name=f"job {job_id}")
+        self.running[job_id] = _Running(accepted, task)
+        self.metrics.jobs_running.set(len(self.running))
+        return True
 
     async def _heartbeats(self) -> None:
         assert self.queue is not None
         while True:
             await asyncio.sleep(self.settings.queue.heartbeat_s)
+            for delivery in list(self._held):  # read but not started: ours until the lease runs out
+                try:
+                    owned = await asyncio.to_thread(self.queue.heartbeat, delivery.entry_id)
+                except Exception:  # noqa: BLE001 - Redis away: the next beat retries
+                    continue
+                if not owned and delivery in self._held:
+                    self._held.remove(delivery)
             for job_id, r in list(self.running.items()):
                 try:
                     owned = await asyncio.to_thread(self.queue.heartbeat, r.accepted.entry_id)
@@ -309,6 +336,21 @@ class Service:
             self.queue.r.xadd(self.queue.keys.job_events(job_id), {"event": out.model_dump_json()},
                               maxlen=self.settings.queue.stream_maxlen, approximate=True)
             self.metrics.source_events.labels(out.kind).inc()
+
+
+def _priority(delivery: Delivery) -> int:
+    """The job's priority, read without full validation; an unreadable job goes first, to fail fast."""
+    try:
+        value = json.loads((delivery.fields or {}).get(JOB_FIELD, "")).get("priority", 0)
+    except (ValueError, AttributeError):
+        return 10
+    return value if isinstance(value, int) and 0 <= value <= 9 else 10
+
+
+def _start_order(delivery: Delivery) -> tuple[int, int, int]:
+    """Sort key: priority, then the older entry (stream ids are ``ms-seq`` and grow with time)."""
+    ms, _, seq = delivery.entry_id.partition("-")
+    return _priority(delivery), -int(ms), -int(seq or 0)
 
 
 def _message(exc: BaseException) -> str:

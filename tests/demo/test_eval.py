@@ -1,0 +1,153 @@
+"""``streamvlm eval`` on the bundled demo model: table structure, budgets, FLOPs, plot, and accuracy above chance.
+
+The accuracy threshold: the unpruned model must reach >= 0.35 on the first 40 held-out questions (8 per
+type), where a uniform guess among each question's answer words gets about 0.22 (every type <= 1/4).
+Checkpoints so far score 0.44-0.60 overall on held-out questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from pipeline import eval as ev
+from pipeline.demo_model import demo_model_path
+from pipeline.inference import VideoQA
+from pipeline.settings import Settings
+from pipeline.synthetic import EVAL_TYPES, held_out_set
+
+LIMIT = 40
+UNPRUNED_MIN_ACCURACY = 0.35
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="streamvlm eval")
+    ev.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def model_shape() -> tuple[int, int]:
+    """(frames per clip, patches per frame) of the bundled checkpoint, from its own config."""
+    cfg = json.loads((demo_model_path() / "config.json").read_text())
+    vision = cfg["vision_config"]
+    frames = len(held_out_set(1)[0].clip.frames)
+    return frames, (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def test_small_run_json_table_and_plot(tmp_path: Path, capsys):
+    plot = tmp_path / "eval.png"
+    args = parse("--limit", str(LIMIT), "--methods", "none,random,cls,fastv,cls+fastv", "--strategies",
+                 "redundancy", "--reductions", "0.5,0.9", "--fastv-ratios", "0.5,0.9",
+                 "--combined-reductions", "0.75", "--json", "--plot", str(plot), "--threads", "1")
+    assert ev.run(args, Settings()) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    frames, patches = model_shape()
+    tokens_in = frames * (patches + 1)  # Video-LLaVA keeps each frame's [CLS] in the span
+
+    # 1 none + 2 random + 2 [CLS] + 2 FastV + 1 combined
+    assert [(r["method"], r["strategy"], r["reduction"], r["fastv_ratio"]) for r in rows] == [
+        ("none", None, 0.0, 0.0),
+        ("random", None, 0.5, 0.0), ("random", None, 0.9, 0.0),
+        ("cls", "redundancy", 0.5, 0.0), ("cls", "redundancy", 0.9, 0.0),
+        ("fastv", None, 0.0, 0.5), ("fastv", None, 0.0, 0.9),
+        ("cls+fastv", "redundancy", 0.75, 0.5),
+    ]
+    required = {"method", "strategy", "reduction", "kept_tokens", "accuracy", "flops_ratio", "by_type", "n",
+                "fastv_ratio"}
+    for r in rows:
+        assert required <= set(r), r
+        assert r["n"] == LIMIT
+        assert set(r["by_type"]) == set(EVAL_TYPES)
+        assert r["n_by_type"] == {t: LIMIT // len(EVAL_TYPES) for t in EVAL_TYPES}
+        assert all(0.0 <= a <= 1.0 for a in r["by_type"].values())
+        # overall accuracy is the question-weighted mean of the per-type accuracies
+        assert r["accuracy"] == pytest.approx(
+            sum(r["by_type"][t] * r["n_by_type"][t] for t in EVAL_TYPES) / r["n"])
+        assert r["tokens_in"] == tokens_in
+        assert all(c <= 0.25 for c in r["chance_by_type"].values())
+
+    by_key = {(r["method"], r["strategy"], r["reduction"], r["fastv_ratio"]): r for r in rows}
+    none = by_key[("none", None, 0.0, 0.0)]
+    assert none["kept_tokens"] == none["encoder_kept_tokens"] == tokens_in
+    assert none["prefill_flops_ratio"] == pytest.approx(1.0)
+    # Encoder budgets: T · (round(P · (1 − r)) + the frame's [CLS]), the same for random and [CLS].
+    for method, strategy in (("random", None), ("cls", "redundancy")):
+        kept = [by_key[(method, strategy, r, 0.0)]["kept_tokens"] for r in (0.5, 0.9)]
+        assert kept == [frames * (round(patches * (1 - r)) + 1) for r in (0.5, 0.9)]
+        assert tokens_in > kept[0] > kept[1]
+        ratios = [by_key[(method, strategy, r, 0.0)]["flops_ratio"] for r in (0.5, 0.9)]
+        assert 1.0 > ratios[0] > ratios[1] > 0.0
+    # FastV leaves the encoder alone and drops R of the visual tokens before layer K.
+    fastv = [by_key[("fastv", None, 0.0, r)] for r in (0.5, 0.9)]
+    assert [f["encoder_kept_tokens"] for f in fastv] == [tokens_in, tokens_in]
+    assert [f["kept_tokens"] for f in fastv] == [tokens_in - round(r * tokens_in) for r in (0.5, 0.9)]
+    assert 1.0 > fastv[0]["flops_ratio"] > fastv[1]["flops_ratio"]
+    assert 1.0 > fastv[0]["prefill_flops_ratio"] > fastv[1]["prefill_flops_ratio"]
+    # Combined: FastV halves what the encoder kept, and costs less than either alone.
+    combined = by_key[("cls+fastv", "redundancy", 0.75, 0.5)]
+    enc_kept = frames * (round(patches * 0.25) + 1)
+    assert combined["encoder_kept_tokens"] == enc_kept
+    assert combined["kept_tokens"] == enc_kept - round(0.5 * enc_kept)
+    assert combined["flops_ratio"] < min(fastv[0]["flops_ratio"], by_key[("cls", "redundancy", 0.5, 0.0)]["flops_ratio"])
+
+    # The unpruned model answers far above chance.
+    assert none["chance"] < 0.25
+    assert none["accuracy"] >= UNPRUNED_MIN_ACCURACY, none
+    assert none["accuracy"] - none["chance"] >= 0.1
+    assert none["relative_accuracy"] == pytest.approx(1.0)
+
+    # With --json the table goes to stderr: a header and one line per row.
+    table = [line for line in captured.err.splitlines() if line.startswith(("method", "none", "random", "cls",
+                                                                            "fastv"))]
+    assert table[0].split()[:4] == ["method", "strategy", "reduction", "fastv"]
+    assert len(table) == 1 + len(rows)
+
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+    height, width = imread(plot).shape[:2]
+    assert width > 600 and height > 400
+
+
+def test_batched_answers_match_one_at_a_time():
+    """Rows of one answer call have different question lengths (padding): results must not depend on it."""
+    qa = VideoQA.load(demo_model_path())
+    samples = held_out_set(10)
+    rows = ev.build_rows(parse("--methods", "none,cls", "--strategies", "uniform", "--reductions", "0.9"))
+    batched = ev.evaluate(qa, samples, rows, batch_size=10, max_new_tokens=4)
+    single = ev.evaluate(qa, samples, rows, batch_size=1, max_new_tokens=4)
+    for b, s in zip(batched, single, strict=True):
+        assert b.correct == s.correct
+        assert b.kept_tokens == s.kept_tokens
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "needle"),
+    [
+        (("--limit", "0"), 2, "--limit"),
+        (("--limit", "100000"), 2, "--limit"),
+        (("--batch-size", "0"), 2, "--batch-size"),
+        (("--methods", "none,magic"), 2, "--methods"),
+        (("--strategies", "psychic"), 2, "--strategies"),
+        (("--reductions", "0.5,1.5"), 2, "--reductions"),
+        (("--fastv-ratios", "0"), 2, "--fastv-ratios"),
+        (("--plot", "/nonexistent-folder/x.png"), 2, "--plot"),
+        (("--plot", "figure.svg"), 2, "--plot"),
+        (("--model", "/nonexistent-model"), 1, "config.json"),
+    ],
+)
+def test_bad_options_give_a_message_and_nonzero_exit(argv, code, needle, capsys):
+    assert ev.run(parse(*argv), Settings()) == code
+    err = capsys.readouterr().err
+    assert err.startswith("streamvlm eval: ") and needle in err
+    assert "Traceback" not in err
+
+
+def test_cli_reports_bad_limit(run_cli, tmp_path: Path):
+    proc = run_cli("eval", "--limit", "-3", "--model", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--limit" in proc.stderr and "Traceback" not in proc.stderr
