@@ -233,7 +233,7 @@ class Service:
                     log.warning("heartbeat failed: %s", exc, extra={"job_id": job_id})
                     continue
                 if not owned:
-                    log.warning("reclaimed by another consumer; stopping here", extra={"job_id": job_id})
+                    log.warning("job %s: reclaimed by another consumer; stopping here", job_id, extra={"job_id": job_id})
                     r.task.cancel()
 
     async def _run_job(self, accepted: Accepted) -> None:
@@ -245,6 +245,9 @@ class Service:
             gen = effective_generation(job, self.settings)
         except ValueError as exc:
             self._end(job.job_id, entry, JobState.failed, f"invalid job: {exc}")
+            return
+        if job.deadline is not None and time.time() > job.deadline.timestamp():
+            self._end(job.job_id, entry, JobState.failed, "deadline passed before the job started")
             return
         actor = await self._idle_clip_actors.get()
         try:

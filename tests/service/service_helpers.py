@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
+import time
 
 import numpy as np
 import redis
 
+from pipeline.keys import RedisKeys
 from pipeline.loopback import write_video
+from pipeline.schemas import WindowResult
 from pipeline.settings import load_settings
 from pipeline.synthetic import held_out_sample
 from workers.service import Service
@@ -79,3 +83,27 @@ def service_settings(tmp_path, **extra: str):
     return load_settings(overrides=[f"{k}={v}" for k, v in overrides.items()])
 
 
+
+
+KEYS = RedisKeys()
+
+
+def xadd(r, payload) -> None:
+    r.xadd(KEYS.jobs, {"job": payload if isinstance(payload, str) else json.dumps(payload)})
+
+
+def wait_state(r, job_id: str, states=("done", "failed", "cancelled"), timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fields = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.job(job_id)).items()}
+        if fields.get("state") in states:
+            return fields
+        time.sleep(0.2)
+    running = {k.decode(): r.hget(k, "state") for k in r.scan_iter(KEYS.job("*")) if b":" not in k[len(KEYS.job("")):]}
+    raise AssertionError(f"job {job_id} did not reach {states}: {r.hgetall(KEYS.job(job_id))}; "
+                         f"pending {r.xpending(KEYS.jobs, KEYS.group)}; "
+                         f"running {[k for k, v in running.items() if v == b'running']}")
+
+
+def results(r, job_id: str) -> list[WindowResult]:
+    return [WindowResult.model_validate_json(f[b"result"]) for _, f in r.xrange(KEYS.job_results(job_id))]

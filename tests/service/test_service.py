@@ -9,49 +9,10 @@ import urllib.request
 import numpy as np
 import pytest
 import ray
-from service_helpers import FPS, REPEAT, clip_video
+from service_helpers import FPS, KEYS, REPEAT, results, wait_state, xadd
 
-from pipeline.ask import ask
-from pipeline.keys import RedisKeys
 from pipeline.loopback import write_video
-from pipeline.schemas import JobRequest, WindowResult
 from pipeline.synthetic import held_out_sample
-
-KEYS = RedisKeys()
-
-
-def xadd(r, payload) -> None:
-    r.xadd(KEYS.jobs, {"job": payload if isinstance(payload, str) else json.dumps(payload)})
-
-
-def wait_state(r, job_id: str, states=("done", "failed", "cancelled"), timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        fields = {k.decode(): v.decode() for k, v in r.hgetall(KEYS.job(job_id)).items()}
-        if fields.get("state") in states:
-            return fields
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not reach {states}: {r.hgetall(KEYS.job(job_id))}")
-
-
-def results(r, job_id: str) -> list[WindowResult]:
-    return [WindowResult.model_validate_json(f[b"result"]) for _, f in r.xrange(KEYS.job_results(job_id))]
-
-
-@pytest.fixture(scope="module")
-def answerable(media, running):
-    """A held-out clip (as an H.264 file) whose question the unpruned demo model answers right locally."""
-    settings = running.service.settings
-    qa = None
-    for index in range(30):
-        path, sample = clip_video(media / f"clip{index}.mp4", index)
-        job = JobRequest(source=str(path), kind="ask", question=sample.qa.question, pruning="off")
-        from pipeline.ask import load_model
-
-        qa = qa or load_model(settings)
-        if ask(job, settings, qa).answer == sample.qa.answer:
-            return path, sample
-    raise AssertionError("the demo model answered none of 30 held-out questions right")
 
 
 def test_plain_xadd_question_is_answered_correctly_with_its_record(running, answerable):
@@ -131,6 +92,8 @@ def _metric(text: str, name: str) -> float:
          "SourceNotFound"),
         ("m-prune", {"job_id": "m-prune", "source": "a.mp4", "kind": "ask", "question": "q",
                      "pruning": {"fastv_k": 99, "fastv_ratio": 0.5}}, "fastv_k=99"),
+        ("m-late", {"job_id": "m-late", "source": "http://127.0.0.1:9/none.ts", "kind": "ask", "question": "q",
+                    "deadline": "2001-01-01T00:00:00Z"}, "deadline passed"),
     ],
 )
 def test_bad_jobs_fail_readably_and_the_service_keeps_serving(running, answerable, job_id, payload, expected):
@@ -169,31 +132,3 @@ def test_killed_actors_restart_and_the_job_resumes_without_duplicates(running, m
     assert windows == list(range(6))  # every window exactly once, in order
     assert int(state["deliveries"]) >= 2  # it was given back and resumed from its checkpoint
 
-
-def test_a_higher_priority_job_starts_first_when_a_slot_frees(running, camera, answerable):
-    r = running.redis
-    path, sample = answerable
-    slots = running.service.settings.workers.max_active_jobs
-    hogs = [f"hog-{i}" for i in range(slots)]
-    for job_id in hogs:
-        xadd(r, {"job_id": job_id, "source": camera.url, "kind": "caption",
-                 "sampling": {"window_s": 2.0, "stride_s": 2.0}})
-    for job_id in hogs:
-        wait_state(r, job_id, states=("running",), timeout_s=120)
-    xadd(r, {"job_id": "low", "source": str(path), "kind": "ask", "question": sample.qa.question, "priority": 1})
-    xadd(r, {"job_id": "high", "source": str(path), "kind": "ask", "question": sample.qa.question, "priority": 8})
-    deadline = time.monotonic() + 30
-    while r.xpending(KEYS.jobs, KEYS.group)["pending"] < slots + 2:  # both read ahead, neither started
-        assert time.monotonic() < deadline, "the waiting jobs were not read ahead"
-        time.sleep(0.1)
-    assert r.hget(KEYS.job("low"), "state") is None and r.hget(KEYS.job("high"), "state") is None
-
-    r.hset(KEYS.job(hogs[0]), "cancel_requested", "1")  # one slot frees: the older "low" does not get it
-    high = wait_state(r, "high")
-    low = wait_state(r, "low")
-    assert high["state"] == low["state"] == "done"
-    assert float(low["started_at"]) >= float(high["finished_at"])  # low got the slot only when high left it
-    for job_id in hogs[1:]:
-        r.hset(KEYS.job(job_id), "cancel_requested", "1")
-    for job_id in hogs:
-        assert wait_state(r, job_id)["state"] == "cancelled"
