@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.queue import JobQueue
-from pipeline.schemas import JobRequest, JobState, JobStatus, WindowResult
+from pipeline.schemas import JobRequest, JobStatus, WindowResult
 
 
 class JobNotFound(LookupError):
@@ -90,6 +90,3 @@ class JobClient:
             dead_letters=int(self.r.xlen(self.keys.dead_letter)),
         )
 
-
-def is_success(status: JobStatus) -> bool:
-    return status.state is JobState.done

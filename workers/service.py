@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from transformers import AutoConfig
 
-from pipeline.connect import job_queue, make_client, start_embedded
+from pipeline.connect import client_url, job_queue, make_client, start_embedded
 from pipeline.demo_model import demo_model_path
 from pipeline.jobs import effective_generation, effective_pruning
 from pipeline.queue import JOB_FIELD, Accepted, Delivery, JobQueue
@@ -87,8 +87,6 @@ class Service:
         s = self.settings
         if s.redis.url is None:
             self.embedded = start_embedded(s)
-            from pipeline.connect import client_url
-
             self.redis_url = client_url(s)
         else:
             self.redis_url = s.redis.url.get_secret_value()
