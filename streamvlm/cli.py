@@ -205,7 +205,7 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-# bench WHAT → the module that measures it (``add_arguments(parser)`` and ``run(args) -> int``).
+# bench WHAT → the module that measures it (``add_arguments(parser)`` and ``run(args, settings) -> int``).
 BENCHMARKS = {
     "pruning": ("pipeline.bench.pruning", "prefill/TTFT/decode time of every pruning method beside its FLOPs ratio"),
     "decode": ("pipeline.bench.decode", "sampled decoding against decoding every frame, decord against PyAV"),
@@ -219,7 +219,7 @@ def _run_bench(name: str, module: str) -> Callable[[argparse.Namespace, Settings
         mod = importlib.import_module(module)
         parser = argparse.ArgumentParser(prog=f"streamvlm bench {name}", description=BENCHMARKS[name][1])
         mod.add_arguments(parser)
-        return mod.run(parser.parse_args(args.bench_args))
+        return mod.run(parser.parse_args(args.bench_args), settings)
 
     return run
 

@@ -150,7 +150,8 @@ def _cache_dir(arg: Path | None) -> Path:
         return Path(tempfile.gettempdir()) / "streamvlm-bench"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: object = None) -> int:
+    del settings  # this benchmark builds its own model and media: the service settings do not apply
     width, height, fps = 1280, 720, 25
     duration_s = args.duration_s or (30.0 if args.quick else 600.0)
     if duration_s <= 0 or args.frames < 1 or args.gop_s <= 0:

@@ -203,7 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: object = None) -> int:
+    del settings  # this benchmark builds its own model and media: the service settings do not apply
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     new_tokens = args.new_tokens if args.new_tokens is not None else (3 if args.quick else 8)
     if repeats < 1 or new_tokens < 1:
