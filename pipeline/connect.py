@@ -7,6 +7,7 @@ The embedded server writes its URL to ``{redis.embedded_dir}/url`` so that clien
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -24,16 +25,48 @@ class RedisUnavailable(RuntimeError):
     """No Redis to talk to: none configured and no embedded server running."""
 
 
+class _RetryUnlessRefused(Retry):
+    """Retries lost connections, not a refused login: ``AuthenticationError`` is a ``ConnectionError`` to
+    redis-py, but a missing or wrong password does not get better by waiting (retried, and retried again
+    inside each reconnect, it took minutes to report)."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # type: ignore[override]
+        def retryable(error: Exception) -> bool:
+            if isinstance(error, redis.AuthenticationError):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
 def make_client(url: str, retries: int = 8) -> redis.Redis:
-    """A client that rides out a Redis restart: reconnects with exponential backoff and jitter (≈ 25 s)."""
+    """A client that rides out a Redis restart: reconnects with exponential backoff and jitter (≈ 25 s).
+
+    Credentials and TLS come from the URL: ``redis://:password@host:port/db``, ``redis://user:password@…``,
+    ``rediss://…`` for TLS (``?ssl_ca_certs=/path/ca.pem`` to trust a private CA). A refused login fails at once.
+    """
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=5,
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(cap=5.0, base=0.1), retries),
+        retry=_RetryUnlessRefused(ExponentialWithJitterBackoff(cap=5.0, base=0.1), retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit to print or log: the password (``:password@`` or ``?password=``) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        parts = parts._replace(query=urlencode([(n, "***" if n == "password" else v) for n, v in query], safe="/*"))
+    # Built by hand: urlunsplit drops the // of a URL with an empty host (unix:///path).
+    return (f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _embedded_url_file(settings: Settings) -> Path:

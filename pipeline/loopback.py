@@ -126,3 +126,34 @@ class LoopbackCamera:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def held_out_frames(first: int = 0, count: int = 16, repeat: int = 4) -> FrameFn:
+    """Frame ``n`` of an endless feed cycling through held-out clips ``first … first+count-1``, each of
+    their frames shown ``repeat`` times (at 8 fps and repeat 4, one clip = 4 s of video)."""
+    from pipeline.synthetic import held_out_sample
+
+    clips = [held_out_sample(i).clip.frames for i in range(first, first + count)]
+    per_clip = clips[0].shape[0] * repeat
+    return lambda n: clips[(n // per_clip) % count][(n % per_clip) // repeat]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m pipeline.loopback --port P``: a camera of held-out clips in a process of its own
+    (one that can be killed and restarted, as a real camera's server can)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.loopback", description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--fps", type=float, default=8.0)
+    parser.add_argument("--repeat", type=int, default=4, help="times each clip frame is shown")
+    parser.add_argument("--epoch", type=float, default=None, help="wall-clock time of frame 0 (default: now)")
+    args = parser.parse_args(argv)
+    camera = LoopbackCamera(held_out_frames(repeat=args.repeat), fps=args.fps, port=args.port,
+                            epoch=args.epoch).start()
+    print(camera.url, flush=True)
+    threading.Event().wait()  # until killed
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import redis
 
 from pipeline.keys import RedisKeys
-from pipeline.schemas import InvalidJob, JobRequest, JobState, JobStatus, WindowResult, parse_job
+from pipeline.schemas import (
+    InvalidJob,
+    JobRequest,
+    JobState,
+    JobStatus,
+    WindowResult,
+    parse_job,
+    printable_name,
+)
 
 JOB_FIELD = "job"
 
@@ -236,13 +244,18 @@ class JobQueue:
         raw = delivery.fields.get(JOB_FIELD)
         try:
             if raw is None:
-                names = ", ".join(sorted(delivery.fields)) or "none"
+                names = ", ".join(printable_name(f) for f in sorted(delivery.fields)[:10]) or "none"
                 raise InvalidJob(f"invalid job: the entry needs one field named '{JOB_FIELD}' "
                                  f"holding the job as JSON (fields given: {names})", None)
             job = parse_job(raw)
         except InvalidJob as exc:
             job_id = exc.job_id or f"entry-{delivery.entry_id}"
-            self.finish(job_id, delivery.entry_id, JobState.failed, str(exc), keep_existing_final=True)
+            owner = self.r.hget(self.keys.job(job_id), "entry_id") if exc.job_id else None
+            if owner is not None and _text(owner) != delivery.entry_id:
+                # The id belongs to another entry (a job queued, running or finished): recording this failure
+                # under it would overwrite that job's state. It goes under the entry's own id instead.
+                job_id = f"entry-{delivery.entry_id}"
+            self.finish(job_id, delivery.entry_id, JobState.failed, str(exc))
             return None
         if delivery.deliveries > self.max_deliveries:
             prior = self.status(job.job_id)
@@ -293,15 +306,8 @@ class JobQueue:
         return bool(stored)
 
     def finish(self, job_id: str, entry_id: str | None, state: JobState, error: str = "",
-               dead_letter: str | None = None, keep_existing_final: bool = False) -> None:
+               dead_letter: str | None = None) -> None:
         """End a job in ``state`` and ack its entry, in one script."""
-        if keep_existing_final:
-            prior = self.status(job_id)
-            if prior is not None and prior.state.final:
-                if entry_id:
-                    self.r.xack(self.keys.jobs, self.keys.group, entry_id)
-                    self.r.xdel(self.keys.jobs, entry_id)
-                return
         self._finish(
             keys=[self.keys.job(job_id), self.keys.job_results(job_id), self.keys.job_windows(job_id),
                   self.keys.jobs, self.keys.job_events(job_id), self.keys.dead_letter],
@@ -313,7 +319,8 @@ class JobQueue:
 def _text(value: object) -> str:
     if value is None:
         return ""
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # Anyone can XADD bytes that are not UTF-8: they become U+FFFD here, and the job fails as not JSON.
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _fields(fields: dict | None) -> dict[str, str] | None:

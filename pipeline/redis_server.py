@@ -35,7 +35,7 @@ def redis_server_binary() -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +46,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: Path, port: int | None = None, start_timeout_s: float = 10.0) -> None:
         self.data_dir = Path(data_dir)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
 

@@ -16,11 +16,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# A job's own keys are {p}:job:{id}:<suffix> (pipeline.keys): an id ending in one of these would name another
+# job's results, windows or events.
+RESERVED_ID_SUFFIXES = (":results", ":windows", ":events")
+# Field names quoted in error messages are cut to this length (an unknown key can be megabytes long).
+MAX_FIELD_NAME_CHARS = 64
 DEFAULT_CAPTION_PROMPT = "Describe what happens in the video."
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and ±Infinity (which Python's JSON reader accepts) are refused: no limit check can hold on them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SamplingRequest(_Strict):
@@ -74,6 +80,13 @@ class JobRequest(_Strict):
     # Absolute time (ISO 8601 with a zone); a job not finished by then ends failed.
     deadline: datetime | None = None
 
+    @field_validator("job_id")
+    @classmethod
+    def _not_another_jobs_key(cls, value: str) -> str:
+        if value.endswith(RESERVED_ID_SUFFIXES):
+            raise ValueError(f"must not end in {', '.join(RESERVED_ID_SUFFIXES)} (those name another job's keys)")
+        return value
+
     @field_validator("source")
     @classmethod
     def _no_control_characters(cls, value: str) -> str:
@@ -122,10 +135,16 @@ class InvalidJob(ValueError):
         self.job_id = job_id
 
 
+def printable_name(part: object) -> str:
+    """A field name as the user wrote it, printable and short (it may be any string they sent)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(part))
+    return text if len(text) <= MAX_FIELD_NAME_CHARS else text[:MAX_FIELD_NAME_CHARS] + "…"
+
+
 def readable_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "job"
+        field = ".".join(printable_name(p) for p in err["loc"]) or "job"
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         parts.append(f"{field}: {msg}")
     return "invalid job: " + "; ".join(parts)
@@ -135,7 +154,9 @@ def parse_job(raw: bytes | str) -> JobRequest:
     """Decode one jobs-stream payload; every problem is an :class:`InvalidJob` with a readable message."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise InvalidJob("invalid job: not JSON we accept (nested too deeply)", None) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and integers of more than 4300 digits
         raise InvalidJob(f"invalid job: not JSON ({exc})", None) from None
     if not isinstance(data, dict):
         raise InvalidJob(f"invalid job: expected a JSON object, got {type(data).__name__}", None)
@@ -150,7 +171,7 @@ def parse_job(raw: bytes | str) -> JobRequest:
 def _id_ok(job_id: str) -> bool:
     import re
 
-    return re.fullmatch(JOB_ID_PATTERN, job_id) is not None
+    return re.fullmatch(JOB_ID_PATTERN, job_id) is not None and not job_id.endswith(RESERVED_ID_SUFFIXES)
 
 
 class JobState(str, enum.Enum):

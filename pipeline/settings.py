@@ -116,7 +116,9 @@ class WorkerSettings(_Section):
     # Jobs read ahead of free slots (pending to this service, heartbeated): a higher priority among
     # them starts first.
     priority_lookahead: int = Field(8, ge=1)
-    max_restarts: int = Field(3, ge=-1)
+    # Ray restarts a crashed actor this many times (-1: always). Always, by default: a job that crashes its
+    # worker is bounded by queue.max_deliveries instead, and the service never runs out of actors.
+    max_restarts: int = Field(-1, ge=-1)
     # Threads each actor's torch uses (None: torch's default, all cores).
     torch_threads: int | None = Field(None, ge=1)
     # Precision of the kept visual features sent from clip actors to LLM workers.

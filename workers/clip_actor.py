@@ -36,7 +36,7 @@ class ClipActor:
     def open(self, job: JobRequest, first_window: int) -> dict[str, Any]:
         """Open the job's source; source errors (forbidden, not found, corrupt …) propagate typed."""
         self.close()
-        self.events = []
+        self.events.clear()
         self.config = effective_pruning(job, self.settings, self.qa.pruned.config)
         self.clips = JobClips(job, self.settings, first_window, on_event=self.events.append)
         return {"live": self.clips.live}
@@ -48,7 +48,11 @@ class ClipActor:
         start = time.perf_counter()
         clip = self.clips.next()
         decode_s = time.perf_counter() - start
-        events, self.events = self.events, []
+        # Emptied in place, one atomic pop at a time: the live reader thread appends through this very
+        # list's bound append, at any moment.
+        events = []
+        while self.events:
+            events.append(self.events.pop(0))
         if clip is None:
             return {"end": True, "events": events}, None
         visual = self.qa.encode(clip.frames, self.config)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.client import JobClient
-from pipeline.loopback import LoopbackCamera, write_video
+from pipeline.connect import redacted_url
+from pipeline.loopback import LoopbackCamera, held_out_frames, write_video
 from pipeline.schemas import JobRequest, WindowResult
 from pipeline.settings import Settings
 from pipeline.synthetic import held_out_sample
@@ -49,9 +50,8 @@ def run_demo(settings: Settings, workdir: Path, caption_windows: int = 3, timeou
 
     sample = held_out_sample(0)
     video = write_video(workdir / "sample.mp4", np.repeat(sample.clip.frames, REPEAT, axis=0), fps=FPS)
-    clips = [held_out_sample(i).clip.frames for i in range(1, 17)]
-    per_clip = clips[0].shape[0] * REPEAT
-    camera = LoopbackCamera(lambda n: clips[(n // per_clip) % len(clips)][(n % per_clip) // REPEAT], fps=FPS)
+    per_clip = sample.clip.frames.shape[0] * REPEAT
+    camera = LoopbackCamera(held_out_frames(first=1, count=16, repeat=REPEAT), fps=FPS)
     camera.start()
     _say(f"sample video: {video} ({sample.clip.frames.shape[0]} frames × {REPEAT}, {FPS} fps)")
     _say(f"live camera:  {camera.url}")
@@ -59,7 +59,7 @@ def run_demo(settings: Settings, workdir: Path, caption_windows: int = 3, timeou
     _say("starting the service (embedded Redis, local Ray, demo model) …")
     started = time.monotonic()
     service = Service(settings).start()
-    _say(f"service up in {time.monotonic() - started:.0f} s; Redis at {service.redis_url}")
+    _say(f"service up in {time.monotonic() - started:.0f} s; Redis at {redacted_url(service.redis_url)}")
     client = JobClient(service.queue)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()

@@ -112,8 +112,12 @@ class LLMWorker:
 
 
 def llm_worker_actor(num_gpus: float, num_cpus: float, resources: dict[str, float], max_restarts: int):
-    """The actor class with its resources; generation is idempotent, so Ray may retry it after a crash."""
+    """The actor class with its resources; generation is idempotent, so Ray may retry it after a crash.
+
+    Retries stay finite even when restarts are not: a request that kills the worker every time fails
+    after a few tries, and its job is then bounded by ``queue.max_deliveries``."""
+    task_retries = 3 if max_restarts < 0 else max_restarts
     return ray.remote(
         num_gpus=num_gpus, num_cpus=num_cpus, resources=resources or None,
-        max_restarts=max_restarts, max_task_retries=max(max_restarts, 0), max_concurrency=64,
+        max_restarts=max_restarts, max_task_retries=task_retries, max_concurrency=64,
     )(LLMWorker)

@@ -16,6 +16,7 @@ frames when their buffer is full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import redis
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from transformers import AutoConfig
 
-from pipeline.connect import client_url, job_queue, make_client, start_embedded
+from pipeline.connect import client_url, job_queue, make_client, redacted_url, start_embedded
 from pipeline.demo_model import demo_model_path
 from pipeline.jobs import effective_generation, effective_pruning
 from pipeline.queue import JOB_FIELD, Accepted, Delivery, JobQueue
@@ -48,6 +50,8 @@ log = logging.getLogger("streamvlm.service")
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (SourceError, ValueError)
 # The actor died or vanished mid-call: the job is given back and redelivered.
 ACTOR_LOST: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError)
+# Redis went away mid-job (the client's own retries with backoff ran out).
+REDIS_LOST: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
 class ServiceStartError(RuntimeError):
@@ -58,7 +62,7 @@ class ServiceStartError(RuntimeError):
 class _Running:
     accepted: Accepted
     task: asyncio.Task
-    windows: int = 0
+    clip_actor: Any = None  # the decode actor serving the job, once it has one
     started: float = field(default_factory=time.monotonic)
 
 
@@ -188,13 +192,30 @@ class Service:
                 while free > 0 and self._held:
                     # Highest priority first; among equals, the oldest entry (stream ids grow with time).
                     delivery = max(self._held, key=_start_order)
+                    try:
+                        started = self._start(delivery)
+                    except REDIS_LOST as exc:  # still pending to us: keep it held and try again later
+                        log.warning("starting a job failed: %s", exc)
+                        await self._redis_back()
+                        break
+                    except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the service
+                        log.exception("could not start entry %s; failing it", delivery.entry_id)
+                        try:
+                            self.queue.finish(f"entry-{delivery.entry_id}", delivery.entry_id, JobState.failed,
+                                              f"internal error while starting the job: {_message(exc)}")
+                        except Exception:  # noqa: BLE001 - left pending: reclaimed after the lease
+                            log.exception("could not fail entry %s either", delivery.entry_id)
+                        started = False
                     self._held.remove(delivery)
-                    if self._start(delivery):
+                    if started:
                         free -= 1
         finally:
             heartbeat.cancel()
             for delivery in self._held:  # not started: give them back for anyone, now
-                self.queue.release(delivery.entry_id)
+                try:
+                    self.queue.release(delivery.entry_id)
+                except REDIS_LOST:  # then the lease runs out and another consumer claims them
+                    break
             self._held.clear()
             for r in list(self.running.values()):
                 r.task.cancel()
@@ -235,6 +256,33 @@ class Service:
                     r.task.cancel()
 
     async def _run_job(self, accepted: Accepted) -> None:
+        job_id = accepted.job.job_id
+        try:
+            await self._job_steps(accepted)
+        except asyncio.CancelledError:
+            if self._stopping.is_set():  # shutting down: hand the job on now, not after the lease
+                with contextlib.suppress(*REDIS_LOST):
+                    self.queue.release(accepted.entry_id)
+            raise
+        except REDIS_LOST as exc:
+            # Nothing was acknowledged: the entry stays pending to us. Give it back as soon as Redis
+            # answers again; if even that fails, the lease runs out and XAUTOCLAIM hands it on.
+            log.warning("Redis unreachable (%s); the job is given back once it returns", exc,
+                        extra={"job_id": job_id})
+            await self._redis_back()
+            try:
+                await asyncio.to_thread(self.queue.release, accepted.entry_id)
+            except REDIS_LOST:
+                pass
+        finally:
+            # Every way out frees the slot, or a job that ended early would hold it for good. Only our own
+            # entry: the same job id may have been started again (redelivered to us) meanwhile.
+            current = self.running.get(job_id)
+            if current is not None and current.task is asyncio.current_task():
+                del self.running[job_id]
+            self.metrics.jobs_running.set(len(self.running))
+
+    async def _job_steps(self, accepted: Accepted) -> None:
         q = self.queue
         assert q is not None and self._idle_clip_actors is not None
         job, entry = accepted.job, accepted.entry_id
@@ -248,8 +296,9 @@ class Service:
             self._end(job.job_id, entry, JobState.failed, "deadline passed before the job started")
             return
         actor = await self._idle_clip_actors.get()
+        self.running[job.job_id].clip_actor = actor
         try:
-            await actor.open.remote(job, accepted.status.checkpoint)
+            await self._open(actor, job, accepted.status.checkpoint)
             next_clip = actor.next_clip.remote()
             while True:
                 if q.cancel_requested(job.job_id):
@@ -270,10 +319,10 @@ class Service:
                 answer = await llm.generate.remote(tokens_ref, job.text, config, gen.max_new_tokens,
                                                    gen.temperature)
                 result = self._result(job.job_id, meta, answer)
+                final = job.kind == "ask"
+                await self._store(result, entry, final)
                 log.info("window %d stored", meta["window_index"],
                          extra={"job_id": job.job_id, "window": meta["window_index"]})
-                final = job.kind == "ask"
-                await asyncio.to_thread(q.store_result, result, entry, final)
                 self._observe(meta, answer)
                 if final:
                     self.metrics.jobs.labels(JobState.done.value).inc()
@@ -299,8 +348,49 @@ class Service:
         finally:
             actor.close.remote()
             self._idle_clip_actors.put_nowait(actor)
-            self.running.pop(job.job_id, None)
-            self.metrics.jobs_running.set(len(self.running))
+
+    async def _open(self, actor: Any, job: Any, first_window: int) -> None:
+        """Open the job's source on ``actor``. An actor still restarting after an earlier crash is waited for
+        first: the job has done nothing wrong yet and must not spend one of its ``max_deliveries`` on it. A
+        crash during ``open`` itself is the job's, and propagates."""
+        deadline = time.monotonic() + self.settings.workers.start_timeout_s
+        delay_s = 0.25
+        while True:
+            try:
+                await actor.pid.remote()
+                break
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, 5.0)
+        await actor.open.remote(job, first_window)
+
+    async def _store(self, result: WindowResult, entry: str, final: bool) -> None:
+        """Store a window's result, waiting out a Redis outage: the script stores each window at most once,
+        so repeating it after a lost reply is safe, and the computed answer is not thrown away."""
+        assert self.queue is not None
+        while True:
+            try:
+                await asyncio.to_thread(self.queue.store_result, result, entry, final)
+                return
+            except REDIS_LOST as exc:
+                log.warning("storing window %d failed (%s); retrying when Redis is back", result.window_index,
+                            exc, extra={"job_id": result.job_id})
+                await self._redis_back()
+
+    async def _redis_back(self) -> None:
+        """Return once Redis answers a PING (the client's own retries back off between attempts)."""
+        assert self.queue is not None
+        delay_s = 0.5
+        while not self._stopping.is_set():
+            try:
+                if await asyncio.to_thread(self.queue.r.ping):
+                    return
+            except REDIS_LOST:
+                pass
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 5.0)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _end(self, job_id: str, entry: str, state: JobState, error: str = "") -> None:
@@ -343,7 +433,7 @@ def _priority(delivery: Delivery) -> int:
     """The job's priority, read without full validation; an unreadable job goes first, to fail fast."""
     try:
         value = json.loads((delivery.fields or {}).get(JOB_FIELD, "")).get("priority", 0)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
         return 10
     return value if isinstance(value, int) and 0 <= value <= 9 else 10
 
@@ -367,7 +457,7 @@ def serve_forever(settings: Settings) -> None:
 
     configure(settings.service.log_level)
     service = Service(settings).start()
-    where = service.redis_url + (" (embedded, data in " + str(Path(settings.redis.embedded_dir).resolve()) + ")"
+    where = redacted_url(service.redis_url) + (" (embedded, data in " + str(Path(settings.redis.embedded_dir).resolve()) + ")"
                                  if service.embedded else "")
     print(f"streamvlm serve: Redis at {where}; consumer {service.consumer}", flush=True)
     if service.health_server is not None:

@@ -7,6 +7,7 @@ fails and the body is an HLS playlist, the playlist is read (≤ 1 MB) to name a
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,6 +43,7 @@ class OpenedVideo:
 def open_video(target: Target, policy: SourcePolicy, *, live: bool) -> OpenedVideo:
     """Open ``target``, pick its video stream and enforce the static limits (size, duration, frames)."""
     options = ffmpeg_options(target, policy, live=live)
+    started = time.monotonic()
     try:
         container = av.open(
             target.location,
@@ -49,9 +51,9 @@ def open_video(target: Target, policy: SourcePolicy, *, live: bool) -> OpenedVid
             timeout=(policy.open_timeout_s, policy.read_timeout_s),
         )
     except av.error.FFmpegError as exc:
-        raise _classify_open_error(exc, target, policy) from None
+        raise _classify_open_error(exc, target, policy, time.monotonic() - started) from None
     except OSError as exc:  # PyAV maps some errno values onto the builtin OSError family
-        raise _classify_open_error(exc, target, policy) from None
+        raise _classify_open_error(exc, target, policy, time.monotonic() - started) from None
     try:
         return _pick_video(container, target, policy, live=live)
     except BaseException:
@@ -112,7 +114,7 @@ def declared_frames(container: av.container.InputContainer, stream: av.video.Vid
     return None
 
 
-def _classify_open_error(exc: Exception, target: Target, policy: SourcePolicy) -> SourceError:
+def _classify_open_error(exc: Exception, target: Target, policy: SourcePolicy, elapsed_s: float = 0.0) -> SourceError:
     what = "file" if target.is_local else "stream"
     if isinstance(exc, av.error.ExitError):
         return SourceTimeout(f"no answer within sources.open_timeout_s={policy.open_timeout_s:g} s")
@@ -128,6 +130,10 @@ def _classify_open_error(exc: Exception, target: Target, policy: SourcePolicy) -
         return SourceTimeout(f"no answer within sources.open_timeout_s={policy.open_timeout_s:g} s")
     if isinstance(exc, av.error.ProtocolNotFoundError):
         return UnsupportedSource("this FFmpeg build has no such protocol")
+    if not target.is_local and elapsed_s >= 0.95 * policy.open_timeout_s:
+        # Some demuxers (rtsp, a TLS handshake) turn the interrupt at open_timeout_s into a generic
+        # error (invalid data, I/O error); a server that sent nothing in that time timed out.
+        return SourceTimeout(f"no answer within sources.open_timeout_s={policy.open_timeout_s:g} s")
     forbidden = _forbidden_playlist_entry(target, policy)
     if forbidden is not None:
         return SourceForbidden(f"the playlist names {forbidden!r}, a protocol sources may not read")

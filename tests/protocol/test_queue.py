@@ -119,6 +119,26 @@ def test_entry_without_job_field_names_the_field(r):
     assert "one field named 'job'" in q.status(f"entry-{entry}").error
 
 
+def test_an_invalid_entry_reusing_a_queued_jobs_id_leaves_that_job_alone(r):
+    q = queue(r)
+    victim = JobRequest(job_id="victim", source="a.mp4", kind="ask", question="q")
+    victim_entry = q.submit(victim)
+    bad_entry = xadd(r, {"job_id": "victim", "kind": "oops"})
+    deliveries = {d.entry_id: d for d in q.fetch(2, block_ms=None)}
+    assert q.accept(deliveries[bad_entry]) is None  # the bad one first, as a higher priority would have it
+    assert q.status("victim").state is JobState.queued
+    assert "kind" in q.status(f"entry-{bad_entry}").error
+    accepted = q.accept(deliveries[victim_entry])
+    assert accepted is not None and q.status("victim").state is JobState.running
+
+
+def test_non_utf8_entries_fail_as_not_json(r):
+    q = queue(r)
+    entry = r.xadd(KEYS.jobs, {"job": b"\xff\xfe{\x80"}).decode()
+    assert q.accept(take_one(q)) is None
+    assert "not JSON" in q.status(f"entry-{entry}").error
+
+
 def test_results_are_stored_once_per_window(r):
     q = queue(r)
     xadd(r, {"job_id": "cap", "source": "rtsp://127.0.0.1/x", "kind": "caption"})

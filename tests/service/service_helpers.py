@@ -12,7 +12,7 @@ import numpy as np
 import redis
 
 from pipeline.keys import RedisKeys
-from pipeline.loopback import write_video
+from pipeline.loopback import held_out_frames, write_video
 from pipeline.schemas import WindowResult
 from pipeline.settings import load_settings
 from pipeline.synthetic import held_out_sample
@@ -36,9 +36,7 @@ def clip_video(path, index: int):
 
 
 def camera_frames(count: int = 16):
-    clips = [held_out_sample(i).clip.frames for i in range(count)]
-    per_clip = clips[0].shape[0] * REPEAT
-    return lambda n: clips[(n // per_clip) % count][(n % per_clip) // REPEAT]
+    return held_out_frames(count=count, repeat=REPEAT)
 
 
 class RunningService:
