@@ -1,6 +1,6 @@
 """``streamvlm``: parse arguments, load settings, call into pipeline/workers/pruning.
 
-Exit codes: 0 ok, 1 the command failed, 2 bad usage or bad settings, 3 not built yet.
+Exit codes: 0 ok, 1 the command failed, 2 bad usage or bad settings.
 Errors print one readable line (no traceback unless ``--debug``).
 """
 
@@ -21,7 +21,7 @@ from pipeline.connect import RedisUnavailable
 from pipeline.schemas import JobRequest, JobState, WindowResult, readable_validation_error
 from pipeline.settings import ConfigError, Settings, load_settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_BUILT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _pruning_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning (unset: the service's defaults)")
@@ -209,8 +209,11 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
 BENCHMARKS = {
     "pruning": ("pipeline.bench.pruning", "prefill/TTFT/decode time of every pruning method beside its FLOPs ratio"),
     "decode": ("pipeline.bench.decode", "sampled decoding against decoding every frame, decord against PyAV"),
+    "service": ("workers.bench_service", "the service end to end against plain transformers generate: throughput, "
+                "latency, bytes, KV cache, memory, accuracy, live streams and scaling"),
+    "reliability": ("workers.bench_reliability", "worker, serve and Redis crashes, a live server restart, a poison "
+                    "job, a burst and a long caption run: jobs lost, duplicates, recovery time, leaks"),
 }
-BENCHMARKS_PLANNED = {"service": 8, "reliability": 7}
 
 
 def _run_bench(name: str, module: str) -> Callable[[argparse.Namespace, Settings], int]:
@@ -220,15 +223,6 @@ def _run_bench(name: str, module: str) -> Callable[[argparse.Namespace, Settings
         parser = argparse.ArgumentParser(prog=f"streamvlm bench {name}", description=BENCHMARKS[name][1])
         mod.add_arguments(parser)
         return mod.run(parser.parse_args(args.bench_args), settings)
-
-    return run
-
-
-def _bench_not_built(name: str) -> Callable[[argparse.Namespace, Settings], int]:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        print(f"streamvlm bench {name}: not built yet (tracked in issue #{BENCHMARKS_PLANNED[name]})",
-              file=sys.stderr)
-        return EXIT_NOT_BUILT
 
     return run
 
@@ -322,8 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in BENCHMARKS.items():
         p = bench_sub.add_parser(name, help=help_text, description=help_text, add_help=False)
         p.set_defaults(run=_run_bench(name, module))
-    for name in BENCHMARKS_PLANNED:
-        bench_sub.add_parser(name, help="not built yet").set_defaults(run=_bench_not_built(name))
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)

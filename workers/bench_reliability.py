@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import ray
 
 from pipeline.connect import make_client
@@ -281,7 +282,7 @@ def live_server_restart(rig: FaultRig, down_s: float = 3.0) -> Row:
     got = [w.window_index for w in rig.windows(job)]
     events = [json.loads(f[b"event"])["kind"] for _, f in rig.r.xrange(rig.keys.job_events(job))]
     return rig.row("live_restart", {job: ("cancelled", len(got))}, rig.first_result_after(restarted_at),
-                   windows=len(got), in_order=got == sorted(got), gap_before_s=gapped.gap_before_s,
+                   windows=len(got), in_order=got == sorted(got), gap_before_s=round(gapped.gap_before_s, 2),
                    server_down_s=round(restarted_at - killed_at, 2), events=sorted(set(events)),
                    deliveries=int(rig.state(job).get("deliveries", 0)))
 
@@ -443,17 +444,13 @@ def _pid(actor: Any, timeout_s: float = 120) -> int:
 
 
 def _rss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/statm") as f:
-            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return total
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
 def _probe(pids: list[int]) -> dict[str, Any]:
-    return {"pids": sorted(pids), "rss": _rss(pids),
-            "fds": sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids),
-            "threads": sum(len(os.listdir(f"/proc/{p}/task")) for p in pids)}
+    procs = [psutil.Process(pid) for pid in pids]
+    return {"pids": sorted(pids), "rss": _rss(pids), "fds": sum(p.num_fds() for p in procs),
+            "threads": sum(p.num_threads() for p in procs)}
 
 
 def _s(value: Any) -> str:

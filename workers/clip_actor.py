@@ -71,20 +71,26 @@ class ClipActor:
         }
         return meta, shipped
 
+    # stop() and pid() run in their own thread (the "control" group), beside a next_clip() that may be
+    # blocked on a live stream: a cancel must not wait for the next window, nor a health probe for a clip.
+    @ray.method(concurrency_group="control")
     def stop(self) -> None:
-        if self.clips is not None:
-            self.clips.stop()
+        clips = self.clips
+        if clips is not None:
+            clips.stop()
 
     def close(self) -> None:
         if self.clips is not None:
             self.clips.close()
             self.clips = None
 
+    @ray.method(concurrency_group="control")
     def pid(self) -> int:
         import os
 
         return os.getpid()
 
+    @ray.method(concurrency_group="control")
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
@@ -92,4 +98,5 @@ class ClipActor:
 def clip_actor_class(num_cpus: float, max_restarts: int):
     # A restarted actor has lost its open source: the service reopens the job from its checkpoint,
     # so Ray must not replay calls on it (max_task_retries=0).
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0)(ClipActor)
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
+                      concurrency_groups={"control": 1})(ClipActor)
