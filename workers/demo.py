@@ -8,9 +8,7 @@ cancels the caption job after a few windows, and sums up the tokens and FLOPs th
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from pipeline.schemas import JobRequest, WindowResult
 from pipeline.settings import Settings
 from pipeline.synthetic import held_out_sample
 from workers.service import Service
+from workers.service_thread import ServiceThread
 
 FPS = 8
 REPEAT = 4  # each of a synthetic clip's 8 frames stays on screen REPEAT / FPS s: 4 s per clip
@@ -61,10 +60,7 @@ def run_demo(settings: Settings, workdir: Path, caption_windows: int = 3, timeou
     service = Service(settings).start()
     _say(f"service up in {time.monotonic() - started:.0f} s; Redis at {redacted_url(service.redis_url)}")
     client = JobClient(service.queue)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    runner = threading.Thread(target=lambda: loop.run_until_complete(service.run(stop)), daemon=True)
-    runner.start()
+    runner = ServiceThread(service).start()
     try:
         ask = JobRequest(source=str(video), kind="ask", question=sample.qa.question)
         caption = JobRequest(source=camera.url, kind="caption",
@@ -100,10 +96,7 @@ def run_demo(settings: Settings, workdir: Path, caption_windows: int = 3, timeou
         ok = status.state.value == "done" and any(r.job_id == caption.job_id for r in seen)
         return 0 if ok else 1
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        runner.join(timeout=60)
-        loop.close()
-        service.stop()
+        runner.stop()
         camera.stop()
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -17,6 +15,7 @@ from pipeline.schemas import WindowResult
 from pipeline.settings import load_settings
 from pipeline.synthetic import held_out_sample
 from workers.service import Service
+from workers.service_thread import ServiceThread
 
 FPS = 8
 REPEAT = 4  # each of a clip's 8 frames is shown for REPEAT / FPS s: one clip = 4 s of video
@@ -40,26 +39,16 @@ def camera_frames(count: int = 16):
 
 
 class RunningService:
-    """``Service`` driven by its own event loop in a thread, as ``serve`` drives it in the main one."""
+    """A started ``Service`` on its own event loop in a thread (``ServiceThread``), and a client of its Redis."""
 
     def __init__(self, settings) -> None:
-        self.service = Service(settings).start()
+        self.thread = ServiceThread(Service(settings).start()).start()
+        self.service = self.thread.service
         self.redis = redis.Redis.from_url(self.service.redis_url)
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self.service.run(self._stop))
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=60)
-        self._loop.close()
         self.redis.close()
-        self.service.stop()
+        self.thread.stop()
 
 
 def service_settings(tmp_path, **extra: str):
