@@ -50,6 +50,8 @@ log = logging.getLogger("streamvlm.service")
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (SourceError, ValueError)
 # The actor died or vanished mid-call: the job is given back and redelivered.
 ACTOR_LOST: tuple[type[BaseException], ...] = (ActorDiedError, ActorUnavailableError, RayActorError)
+# How often a job waiting for its next clip looks for a cancel request.
+CANCEL_POLL_S = 0.5
 # Redis went away mid-job (the client's own retries with backoff ran out).
 REDIS_LOST: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
@@ -309,8 +311,11 @@ class Service:
                     self._end(job.job_id, entry, JobState.failed, "deadline passed before the job finished")
                     return
                 meta_ref, tokens_ref = next_clip
-                meta = await meta_ref
+                meta = await self._next_meta(actor, meta_ref, job.job_id)
                 self._publish_events(job.job_id, meta["events"])
+                if q.cancel_requested(job.job_id):  # asked while the clip was cut: it may be the stop's end
+                    self._end(job.job_id, entry, JobState.cancelled, "cancelled by request")
+                    return
                 if meta["end"]:
                     break
                 if job.kind == "caption":
@@ -365,6 +370,21 @@ class Service:
                 await asyncio.sleep(delay_s)
                 delay_s = min(2 * delay_s, 5.0)
         await actor.open.remote(job, first_window)
+
+    async def _next_meta(self, actor: Any, meta_ref: Any, job_id: str) -> dict[str, Any]:
+        """The clip's meta. Meanwhile a cancel is looked for every ``CANCEL_POLL_S`` and passed to the actor,
+        whose ``stop`` runs beside the blocked call: a live window that may never come (the camera is gone,
+        the source keeps reconnecting) must not hold a cancelled job."""
+        assert self.queue is not None
+        meta = asyncio.wrap_future(meta_ref.future())
+        stopped = False
+        while True:
+            done, _ = await asyncio.wait({meta}, timeout=CANCEL_POLL_S)
+            if done:
+                return meta.result()
+            if not stopped and await asyncio.to_thread(self.queue.cancel_requested, job_id):
+                actor.stop.remote()
+                stopped = True
 
     async def _store(self, result: WindowResult, entry: str, final: bool) -> None:
         """Store a window's result, waiting out a Redis outage: the script stores each window at most once,

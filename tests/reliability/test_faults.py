@@ -91,3 +91,23 @@ def test_long_caption_run_does_not_leak(rig):
     assert not d["actors_restarted"]
     assert d["rss_growth_mb"] < 50 and d["fd_growth"] <= 4 and d["thread_growth"] <= 4, d
     assert d["work_ratio"] < 2.0, d
+
+
+def test_cancelling_a_caption_whose_camera_is_gone_frees_its_actor_at_once(rig):
+    # The actor is blocked in next_clip() waiting for frames that will not come (the source keeps
+    # reconnecting for sources.reconnect_attempts): a cancel must reach it beside that call, not after it.
+    port = rel.free_port()
+    camera = rel._camera(port, "--fps", str(rel.FPS))
+    job = rig.submit_caption("cancel-dead-camera", f"http://127.0.0.1:{port}/live.ts")
+    try:
+        rig.wait_windows(job, 1)
+        actor = rig.service.running[job].clip_actor
+    finally:
+        rel._stop(camera)
+    started = time.monotonic()
+    rig.r.hset(rig.keys.job(job), "cancel_requested", "1")
+    rig.wait_final([job], timeout_s=60)
+    assert rig.state(job)["state"] == "cancelled"
+    ray.get(actor.close.remote(), timeout=60)  # queued behind the blocked next_clip(), if it still runs
+    # The source would go on reconnecting for ~25 s (30 attempts, backoff up to 1 s).
+    assert time.monotonic() - started < 5.0
