@@ -303,17 +303,13 @@ class Service:
             await self._open(actor, job, accepted.status.checkpoint)
             next_clip = actor.next_clip.remote()
             while True:
-                if q.cancel_requested(job.job_id):
-                    actor.stop.remote()
-                    self._end(job.job_id, entry, JobState.cancelled, "cancelled by request")
-                    return
                 if job.deadline is not None and time.time() > job.deadline.timestamp():
                     self._end(job.job_id, entry, JobState.failed, "deadline passed before the job finished")
                     return
                 meta_ref, tokens_ref = next_clip
                 meta = await self._next_meta(actor, meta_ref, job.job_id)
                 self._publish_events(job.job_id, meta["events"])
-                if q.cancel_requested(job.job_id):  # asked while the clip was cut: it may be the stop's end
+                if q.cancel_requested(job.job_id):  # once per window (an "end" may be the stop's doing)
                     self._end(job.job_id, entry, JobState.cancelled, "cancelled by request")
                     return
                 if meta["end"]:
