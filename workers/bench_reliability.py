@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 import ray
 
-from pipeline.connect import make_client
+from pipeline.connect import job_queue, make_client
 from pipeline.keys import RedisKeys
 from pipeline.loopback import write_video
 from pipeline.redis_server import EmbeddedRedis, free_port
@@ -89,6 +89,7 @@ class FaultRig:
         self.settings: Settings = load_settings(overrides=[f"{k}={v}" for k, v in settings.items()])
         self.keys = RedisKeys(self.settings.redis.key_prefix)
         self.r = make_client(self.redis_server.url)
+        self.queue = job_queue(self.settings, self.r, "bench-reliability-client")  # the client side only
         self.thread: ServiceThread | None = None
         if service:
             self.thread = ServiceThread(Service(self.settings).start()).start()
@@ -131,7 +132,7 @@ class FaultRig:
         return {_s(k): _s(v) for k, v in self.r.hgetall(self.keys.job(job_id)).items()}
 
     def windows(self, job_id: str) -> list[WindowResult]:
-        return [WindowResult.model_validate_json(f[b"result"]) for _, f in self.r.xrange(self.keys.job_results(job_id))]
+        return [result for _, result in self.queue.results(job_id)]
 
     def wait_windows(self, job_id: str, count: int, timeout_s: float = 300) -> None:
         def ready() -> bool:
@@ -276,7 +277,7 @@ def live_server_restart(rig: FaultRig, down_s: float = 3.0) -> Row:
         gapped = next(w for w in rig.windows(job) if w.gap_before_s)
         rig.wait_windows(job, gapped.window_index + 2)
     finally:
-        rig.r.hset(rig.keys.job(job), "cancel_requested", "1")
+        rig.queue.cancel(job)
         rig.wait_final([job])
         _stop(server)
     got = [w.window_index for w in rig.windows(job)]
@@ -302,7 +303,7 @@ def burst(rig: FaultRig, jobs: int = 200) -> Row:
     peak_depth = peak_held = peak_running = peak_driver = peak_actors = 0
     ids = [f"burst{i}" for i in range(jobs)]
     while True:
-        peak_depth = max(peak_depth, rig.r.xlen(rig.keys.jobs))
+        peak_depth = max(peak_depth, rig.queue.depth())
         peak_held = max(peak_held, len(rig.service._held))
         peak_running = max(peak_running, len(rig.service.running))
         peak_driver, peak_actors = max(peak_driver, _rss(pids[:1])), max(peak_actors, _rss(pids[1:]))
@@ -336,7 +337,7 @@ def long_caption(rig: FaultRig, windows: int = 1000, warmup: int = 100, fps: int
         rig.wait_windows(job, windows, timeout_s=3600)
         end = _probe(_service_pids(rig))
     finally:
-        rig.r.hset(rig.keys.job(job), "cancel_requested", "1")
+        rig.queue.cancel(job)
         rig.wait_final([job])
         _stop(server)
     results = rig.windows(job)

@@ -105,7 +105,7 @@ def test_cancelling_a_caption_whose_camera_is_gone_frees_its_actor_at_once(rig):
     finally:
         rel._stop(camera)
     started = time.monotonic()
-    rig.r.hset(rig.keys.job(job), "cancel_requested", "1")
+    rig.queue.cancel(job)  # what `streamvlm cancel` does
     rig.wait_final([job], timeout_s=60)
     assert rig.state(job)["state"] == "cancelled"
     ray.get(actor.close.remote(), timeout=60)  # queued behind the blocked next_clip(), if it still runs
