@@ -92,13 +92,18 @@ def pretrain_tower(model, args) -> dict:
     tower = model.model.video_tower
     num_labels = len(COLOURS) * len(SHAPES) + len(COLOURS) + len(SHAPES)
     head = torch.nn.Linear(tower.config.hidden_size, num_labels)
-    params = list(tower.parameters()) + list(head.parameters())
+    # Dense auxiliary heads on layer −2's patch tokens (the features the projector reads): which shape
+    # and which colour covers each patch. A [CLS]-only objective left shape out of the patch tokens.
+    shape_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(SHAPES))
+    colour_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLOURS))
+    params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
     log(f"stage 1: rendering {args.tower_clips} clips")
     clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
     frames = np.concatenate([c.frames for c in clips])  # (F, H, W, 3)
     labels = torch.from_numpy(np.concatenate([c.frame_labels() for c in clips]))  # (F, L)
     masks = np.concatenate([c.patch_mask() for c in clips])  # (F, P)
+    patch_labels = torch.from_numpy(np.concatenate([c.patch_labels() for c in clips]))  # (F, P, 2)
     x_all = pixels(frames)
     g = torch.Generator().manual_seed(args.seed)
     n_val = 512
@@ -112,8 +117,12 @@ def pretrain_tower(model, args) -> dict:
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
             group["lr"] = lr
-        pooled = tower(x_all[idx]).pooler_output  # (B, C)
-        loss = F.binary_cross_entropy_with_logits(head(pooled), labels[idx])
+        out = tower(x_all[idx], output_hidden_states=True)
+        patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
+        target = patch_labels[idx]  # (B, P, 2)
+        loss = F.binary_cross_entropy_with_logits(head(out.pooler_output), labels[idx]) + args.patch_loss * (
+            F.cross_entropy(shape_head(patches).flatten(0, 1), target[..., 0].flatten())
+            + F.cross_entropy(colour_head(patches).flatten(0, 1), target[..., 1].flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -123,7 +132,13 @@ def pretrain_tower(model, args) -> dict:
             log(f"stage 1 step {step} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
     tower.eval()
     with torch.no_grad():
-        logits = head(tower(x_all[:n_val]).pooler_output)
+        out = tower(x_all[:n_val], output_hidden_states=True)
+        logits = head(out.pooler_output)
+        patches = out.hidden_states[-2][:, 1:]  # (F, P, C)
+        target = patch_labels[:n_val]
+        on_object = target[..., 0] > 0
+        patch_shape_acc = (shape_head(patches).argmax(-1) == target[..., 0])[on_object].float().mean().item()
+        patch_colour_acc = (colour_head(patches).argmax(-1) == target[..., 1])[on_object].float().mean().item()
         right = (logits > 0) == (labels[:n_val] > 0.5)  # (F, L)
         pairs, colours = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
         exact = right[:, :pairs].all(-1).float().mean().item()
@@ -139,6 +154,8 @@ def pretrain_tower(model, args) -> dict:
         "frame_exact_match": exact,
         "frame_colours_exact": colours_exact,
         "frame_shapes_exact": shapes_exact,
+        "object_patch_shape_accuracy": patch_shape_acc,
+        "object_patch_colour_accuracy": patch_colour_acc,
         "cls_attention_share_on_objects": share.mean().item(),
         "object_patch_fraction": m.float().mean().item(),
         "top4_patches_on_objects": top4_hit,
@@ -371,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tower-clips", type=int, default=3000)
     ap.add_argument("--tower-batch", type=int, default=128)
     ap.add_argument("--tower-lr", type=float, default=1e-3)
+    ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch shape/colour loss")
+    ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics")
     ap.add_argument("--clips", type=int, default=8000, help="training clips whose features are cached")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=10, help="questions per training conversation")
@@ -409,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"continuing from {args.init_from} (held-out accuracy then {summary.get('eval', {}).get('accuracy')})")
     else:
         tower_stats = pretrain_tower(model, args)
+        if args.tower_only:
+            return 0
     result = train_lm(model, tokenizer, shape, args, tower_stats)
     log(f"done: best held-out accuracy {result['best_accuracy']:.3f} after {result['steps']} steps, "
         f"{(time.time() - args.start_time) / 60:.1f} min")

@@ -74,6 +74,29 @@ class Clip:
         grid = self.masks.reshape(t, h // patch_size, patch_size, w // patch_size, patch_size)
         return grid.any(axis=(2, 4)).reshape(t, -1)
 
+    def patch_labels(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(T, P, 2) int64 per patch: 1 + shape index and 1 + colour index of the object with the most
+        pixels in it, 0 where no object pixel is; objects drawn later cover earlier ones, as in the frames."""
+        t, h, w = self.masks.shape
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+        owner = np.full((t, h, w), -1, dtype=np.int64)  # (T, H, W) index of the object drawn at a pixel
+        for k, obj in enumerate(self.objects):
+            for f in np.flatnonzero(obj.visible):
+                cx, cy = obj.positions[f]
+                owner[f][_shape_mask(obj.shape, xx - cx, yy - cy, OBJECT_RADIUS)] = k
+        gh, gw = h // patch_size, w // patch_size
+        cells = owner.reshape(t, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4).reshape(t, gh * gw, -1)
+        counts = np.stack([(cells == k).sum(-1) for k in range(len(self.objects))], axis=-1)  # (T, P, K)
+        best = counts.argmax(-1)  # (T, P)
+        labels = np.zeros((t, gh * gw, 2), dtype=np.int64)
+        colour_ids = {c: i for i, c in enumerate(COLOURS)}
+        for k, obj in enumerate(self.objects):
+            for f in range(t):
+                hit = (best[f] == k) & (counts[f, :, k] > 0)
+                labels[f, hit, 0] = 1 + SHAPES.index(obj.shape)
+                labels[f, hit, 1] = 1 + colour_ids[obj.colours[f]]
+        return labels
+
     def frame_labels(self) -> np.ndarray:
         """(T, C·S + C + S) float multi-hot per frame: colour-shape pairs shown, then colours, then shapes."""
         nc, ns = len(COLOURS), len(SHAPES)

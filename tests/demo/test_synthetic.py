@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.synthetic import (
     CAPTION_PROMPT,
+    COLOURS,
     DIRECTIONS,
     EVAL_TYPES,
     HELD_OUT_SEED,
@@ -143,3 +144,17 @@ def test_frame_labels_name_what_each_frame_shows():
     assert labels[: clip.event_frame, shape_col].sum() == 0 and labels[clip.event_frame :, shape_col].all()
     visible = np.stack([o.visible for o in clip.objects]).sum(0)  # (T,) objects shown per frame
     assert (labels[:, :24].sum(1) == visible).all()
+
+
+def test_patch_labels_name_the_object_in_each_patch():
+    clip = render_clip(np.random.default_rng(12), event="change", num_objects=2)
+    labels = clip.patch_labels()  # (T, P, 2)
+    assert labels.shape == (8, 64, 2)
+    assert ((labels[..., 0] > 0) == clip.patch_mask()).all()  # labelled exactly where object pixels are
+    obj = clip.objects[clip.event_object]
+    for t in (0, 7):
+        x, y = obj.positions[t]
+        centre = int(y) // 8 * 8 + int(x) // 8  # raster index of the patch under the object's centre
+        assert labels[t, centre, 0] == 1 + SHAPES.index(obj.shape)
+        assert labels[t, centre, 1] == 1 + list(COLOURS).index(obj.colours[t])
+    assert obj.colours[0] != obj.colours[7]  # the change event shows up in the colour labels
