@@ -93,7 +93,8 @@ def pretrain_tower(model, args) -> dict:
     num_labels = len(COLOURS) * len(SHAPES) + len(COLOURS) + len(SHAPES)
     head = torch.nn.Linear(tower.config.hidden_size, num_labels)
     # Dense auxiliary heads on layer −2's patch tokens (the features the projector reads): which shape
-    # and which colour covers each patch. A [CLS]-only objective left shape out of the patch tokens.
+    # and which colour covers each patch. A [CLS]-only objective left shape out of the patch tokens, but
+    # with these heads at weight 1 the model fell apart under 90% [CLS] pruning (docs/demo_model.md).
     shape_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(SHAPES))
     colour_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLOURS))
     params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters()]
@@ -388,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tower-clips", type=int, default=3000)
     ap.add_argument("--tower-batch", type=int, default=128)
     ap.add_argument("--tower-lr", type=float, default=1e-3)
-    ap.add_argument("--patch-loss", type=float, default=1.0, help="weight of the per-patch shape/colour loss")
+    ap.add_argument("--patch-loss", type=float, default=0.0,
+                    help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics")
     ap.add_argument("--clips", type=int, default=8000, help="training clips whose features are cached")
     ap.add_argument("--batch", type=int, default=8)
