@@ -118,12 +118,14 @@ def pretrain_tower(model, args) -> dict:
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
             group["lr"] = lr
-        out = tower(x_all[idx], output_hidden_states=True)
-        patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
-        target = patch_labels[idx]  # (B, P, 2)
-        loss = F.binary_cross_entropy_with_logits(head(out.pooler_output), labels[idx]) + args.patch_loss * (
-            F.cross_entropy(shape_head(patches).flatten(0, 1), target[..., 0].flatten())
-            + F.cross_entropy(colour_head(patches).flatten(0, 1), target[..., 1].flatten()))
+        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss))
+        loss = F.binary_cross_entropy_with_logits(head(out.pooler_output), labels[idx])
+        if args.patch_loss:
+            patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
+            target = patch_labels[idx]  # (B, P, 2)
+            loss = loss + args.patch_loss * (
+                F.cross_entropy(shape_head(patches).flatten(0, 1), target[..., 0].flatten())
+                + F.cross_entropy(colour_head(patches).flatten(0, 1), target[..., 1].flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -155,12 +157,12 @@ def pretrain_tower(model, args) -> dict:
         "frame_exact_match": exact,
         "frame_colours_exact": colours_exact,
         "frame_shapes_exact": shapes_exact,
-        "object_patch_shape_accuracy": patch_shape_acc,
-        "object_patch_colour_accuracy": patch_colour_acc,
         "cls_attention_share_on_objects": share.mean().item(),
         "object_patch_fraction": m.float().mean().item(),
         "top4_patches_on_objects": top4_hit,
     }
+    if args.patch_loss:  # the dense heads' own accuracy; untrained heads would report noise
+        stats.update(object_patch_shape_accuracy=patch_shape_acc, object_patch_colour_accuracy=patch_colour_acc)
     log(f"stage 1 done: {json.dumps(stats)}")
     # Video-LLaVA has separate image and video towers; both get the same pretrained weights.
     model.model.image_tower.load_state_dict(tower.state_dict())

@@ -88,13 +88,12 @@ class Clip:
         cells = owner.reshape(t, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4).reshape(t, gh * gw, -1)
         counts = np.stack([(cells == k).sum(-1) for k in range(len(self.objects))], axis=-1)  # (T, P, K)
         best = counts.argmax(-1)  # (T, P)
+        hit = counts.max(-1) > 0  # (T, P) some object pixel in the patch
+        shape_ids = np.array([1 + SHAPES.index(o.shape) for o in self.objects])  # (K,)
+        colour_ids = np.array([[1 + list(COLOURS).index(c) for c in o.colours] for o in self.objects])  # (K, T)
         labels = np.zeros((t, gh * gw, 2), dtype=np.int64)
-        colour_ids = {c: i for i, c in enumerate(COLOURS)}
-        for k, obj in enumerate(self.objects):
-            for f in range(t):
-                hit = (best[f] == k) & (counts[f, :, k] > 0)
-                labels[f, hit, 0] = 1 + SHAPES.index(obj.shape)
-                labels[f, hit, 1] = 1 + colour_ids[obj.colours[f]]
+        labels[..., 0] = np.where(hit, shape_ids[best], 0)
+        labels[..., 1] = np.where(hit, colour_ids[best, np.arange(t)[:, None]], 0)
         return labels
 
     def frame_labels(self) -> np.ndarray:
