@@ -28,14 +28,14 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.settings import Settings
 from pipeline.synthetic import COLOURS, DIRECTIONS, EVAL_TYPES, HELD_OUT_SIZE, NO_EVENT, QA, SHAPES, Sample
 from pipeline.synthetic.language import NUMBER_WORDS
-from pruning.config import TEMPORAL_STRATEGIES, PruningConfig
+from pruning.config import POSITION_MODES, TEMPORAL_STRATEGIES, PruningConfig
 from pruning.flops import prefill_flops
 
 METHODS = ("none", "random", "cls", "fastv", "cls+fastv")
@@ -58,6 +58,7 @@ class RowSpec:
     reduction: float
     fastv_ratio: float
     fastv_k: int
+    positions: str = "original"
 
     @property
     def encoder_method(self) -> str:
@@ -75,6 +76,7 @@ class RowSpec:
             fastv_k=self.fastv_k,
             fastv_ratio=self.fastv_ratio,
             seed=seed,
+            positions=self.positions,
         )
 
     @property
@@ -117,6 +119,7 @@ class RowResult:
             "reduction": self.spec.reduction,
             "fastv_k": self.spec.fastv_k if self.spec.fastv_ratio > 0 else None,
             "fastv_ratio": self.spec.fastv_ratio,
+            "positions": self.spec.positions,
             "n": n,
             "tokens_in": _mean(self.tokens_in),
             "encoder_kept_tokens": _mean(self.encoder_kept_tokens),
@@ -164,6 +167,8 @@ def build_rows(args: argparse.Namespace) -> list[RowSpec]:
     if not isinstance(args.fastv_k, int) or args.fastv_k < 1:
         raise EvalUsageError(f"--fastv-k must be an int >= 1, got {args.fastv_k!r}")
     k = args.fastv_k
+    if args.positions not in POSITION_MODES:
+        raise EvalUsageError(f"--positions must be one of {list(POSITION_MODES)}, got {args.positions!r}")
     rows: list[RowSpec] = []
     for method in methods:
         if method == "none":
@@ -177,6 +182,7 @@ def build_rows(args: argparse.Namespace) -> list[RowSpec]:
         else:
             rows += [RowSpec("cls+fastv", s, r, args.combined_fastv_ratio, k)
                      for s in strategies for r in args.combined_reductions]
+    rows = [replace(row, positions=args.positions) for row in rows]
     for row in rows:
         row.config()  # PruningConfig validates its own fields
     return rows
@@ -267,7 +273,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     out.append(f"n = {n} held-out questions; accuracy in %; rel = acc / unpruned acc; chance = uniform guess "
                "among the question's answer words.\nkept = visual tokens per clip the deep LLM layers see "
                "(enc kept: after the encoder); FLOPs = pruned/unpruned over vision+projector+prefill+decode; "
-               "prefill = the LLM prefill alone (the papers' convention).")
+               "prefill = the LLM prefill alone (the papers' convention); position ids after encoder pruning: "
+               f"{rows[0]['positions'] if rows else '-'}.")
     return "\n".join(out)
 
 
@@ -348,6 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="LIST", help="[CLS] reductions of the cls+fastv rows (default %(default)s)")
     parser.add_argument("--combined-fastv-ratio", type=float, default=0.5,
                         help="FastV ratio R of the cls+fastv rows (default 0.5)")
+    parser.add_argument("--positions", choices=POSITION_MODES, default="original",
+                        help="position ids after encoder pruning: the untouched ones (original, default) or "
+                             "renumbered around the kept tokens (contiguous, FasterVLM's rule)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per answer call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=8,
                         help="answer length cap (answers are single words; default 8)")

@@ -59,6 +59,7 @@ class PruningRequest(_Strict):
     min_per_frame: int | None = Field(None, ge=0)
     fastv_k: int | None = Field(None, ge=1)
     fastv_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    positions: Literal["original", "contiguous"] | None = None
 
 
 class GenerationRequest(_Strict):

@@ -48,6 +48,7 @@ class PruningSettings(_Section):
     min_per_frame: int = Field(1, ge=0)
     fastv_k: int = Field(2, ge=1)
     fastv_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    positions: Literal["original", "contiguous"] = "original"
 
 
 class GenerationSettings(_Section):

@@ -17,6 +17,9 @@ ENCODER_METHODS = ("cls", "random", "none")
 # Temporal strategies live in pruning/temporal_budget.py; the names are repeated here so that building a
 # config never imports torch code paths (a test checks the two lists agree).
 TEMPORAL_STRATEGIES = ("uniform", "global", "redundancy")
+# Position ids of the tokens that survive encoder pruning: "original" = the slot each token had in the untouched
+# prompt (RoPE sees the gaps, as in FastV); "contiguous" = renumbered 0..S−1 around the kept tokens (FasterVLM).
+POSITION_MODES = ("original", "contiguous")
 # Decoder families whose layer interface FastVDecoder drives (q_proj/k_proj, input_layernorm, RoPE with
 # rotate-half, no q/k norm).
 FASTV_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -47,6 +50,9 @@ class PruningConfig:
     fastv_k: FastV filtering layer K (layers 0..K−1 see every token).
     fastv_ratio: FastV ratio R of visual tokens dropped before layer K; 0 turns FastV off.
     seed: seed of the "random" encoder method.
+    positions: position ids after encoder pruning, one of POSITION_MODES. "original" departs from FasterVLM
+        (whose code renumbers the rebuilt prompt): every kept token keeps the slot it had in the untouched
+        prompt, so RoPE still tells frames and raster positions apart; identical when nothing is pruned.
     """
 
     encoder_method: str = "none"
@@ -58,6 +64,7 @@ class PruningConfig:
     fastv_k: int = 2
     fastv_ratio: float = 0.0
     seed: int = 0
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         if self.encoder_method not in ENCODER_METHODS:
@@ -85,6 +92,8 @@ class PruningConfig:
             raise ValueError(f"fastv_ratio must be a number in [0, 1), got {self.fastv_ratio!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
 
     @property
     def encoder_active(self) -> bool:
@@ -93,6 +102,11 @@ class PruningConfig:
     @property
     def fastv_active(self) -> bool:
         return self.fastv_ratio > 0
+
+    @property
+    def llm_key(self) -> tuple:
+        """Every field the LLM half (build_prompt + FastV) reads: rows of one LLM batch must agree on it."""
+        return self.fastv_k, self.fastv_ratio, self.positions
 
     def patch_budget(self, num_frames: int, patches_per_frame: int) -> int:
         """Patch tokens kept for one clip of T frames of P patches (T·P when nothing is pruned)."""

@@ -13,6 +13,13 @@ budget (encoder_reduction / encoder_budget) counts patch tokens. So Video-LLaVA 
 tokens, and with nothing pruned the span is exactly the untouched model's. FastV treats every visual token of
 the span ([CLS] ones included) as a candidate, like the public code treats all image tokens.
 
+Positions after encoder pruning (PruningConfig.positions). FasterVLM rebuilds the prompt around the kept tokens
+and numbers it contiguously. By default we depart from that: each kept token keeps the position id it has in the
+untouched prompt and the text after the span keeps its own, the rule FastV applies inside the LLM. The LLM then
+sees exactly the untouched model with the dropped tokens masked out, and RoPE still says which frame and where in
+it a token came from; on the demo model that is worth 4–5 points at 90% (docs/demo_model.md). "contiguous" keeps
+the paper's rule.
+
 Shape legend:
     B rows; T frames per clip; C,H,W pixels; P patches per frame; S_f = tokens per frame in the span
     N kept visual tokens (padded across rows); Dv vision width; d LLM width; L prompt length; V vocab
@@ -29,7 +36,7 @@ import torch
 from torch import nn
 
 from pruning.cls_scorer import ClsAttentionScorer
-from pruning.config import PruningConfig
+from pruning.config import POSITION_MODES, PruningConfig
 from pruning.fastv import FastVDecoder, PackedSequence, PrefillOutput
 from pruning.flops import (
     LLMShape,
@@ -197,9 +204,20 @@ class PrunedVLM:
 
     # ----- half 2: projector + LLM -----------------------------------------------------------------------
     def build_prompt(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual: VisualTokens
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        visual: VisualTokens,
+        positions: str = "original",
     ) -> PackedSequence:
-        """Rebuild each row so its placeholder span (found by token id) holds exactly its kept visual tokens."""
+        """Rebuild each row so its placeholder span (found by token id) holds exactly its kept visual tokens.
+
+        positions: "original" gives every token the position id it has in the untouched prompt (kept visual
+        token of frame f, span index j at span_start + f·S_f + j; text after the span where it was); "contiguous"
+        renumbers each row 0..S_b−1 (FasterVLM). The two agree when nothing was pruned.
+        """
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
         if input_ids.shape[0] != visual.batch_size:
@@ -211,7 +229,7 @@ class PrunedVLM:
         embed = self.language_model.get_input_embeddings()
         param = next(self.projector.parameters())
         projected = self.projector(visual.features.to(device=param.device, dtype=param.dtype))  # [B, N, d]
-        rows, visual_rows = [], []
+        rows, visual_rows, original = [], [], []
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]  # [L_b]
             span = (ids == placeholder).nonzero().flatten()
@@ -229,6 +247,11 @@ class PrunedVLM:
             before, after = embed(ids[:start]), embed(ids[end:])  # the placeholders themselves are never embedded
             kept = projected[b, : visual.lengths[b]].to(before.dtype)  # [n_b, d]
             rows.append(torch.cat([before, kept, after]))  # [L_b − T·S_f + n_b, d]
+            n_b = kept.shape[0]
+            slot = visual.frame_index[b, :n_b] * visual.tokens_per_frame + visual.token_index[b, :n_b]  # [n_b]
+            original.append(torch.cat([
+                torch.arange(start), start + slot.cpu(), end + torch.arange(after.shape[0])
+            ]))  # [S_b]: where each token sat in the untouched prompt
             flag = torch.zeros(rows[-1].shape[0], dtype=torch.bool, device=before.device)
             flag[start : start + kept.shape[0]] = True
             visual_rows.append(flag)
@@ -240,8 +263,14 @@ class PrunedVLM:
             embeds[b, : row.shape[0]] = row
             valid[b, : row.shape[0]] = True
             is_visual[b, : row.shape[0]] = flag
-        positions = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid  # [B, S]: contiguous per row
-        return PackedSequence(embeds, valid, positions, is_visual)
+        if positions == "contiguous":
+            position_ids = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid  # [B, S]: 0..S_b−1 per row
+        else:
+            position_ids = torch.zeros(valid.shape, dtype=torch.long)  # [B, S]; padding stays 0
+            for b, row_ids in enumerate(original):
+                position_ids[b, : row_ids.shape[0]] = row_ids
+            position_ids = position_ids.to(valid.device)
+        return PackedSequence(embeds, valid, position_ids, is_visual)
 
     @staticmethod
     def _as_batch(visual_tokens: VisualTokens | Sequence[VisualTokens]) -> VisualTokens:
@@ -261,7 +290,7 @@ class PrunedVLM:
         config = config or PruningConfig()
         config.check_against(self.config)
         visual = self._as_batch(visual_tokens)
-        seq = self.build_prompt(input_ids, attention_mask, visual)
+        seq = self.build_prompt(input_ids, attention_mask, visual, config.positions)
         out = self.decoder.prefill(seq, config.fastv_k, config.fastv_ratio, use_cache=False)
         return LogitsOutput(self.lm_head(out.hidden), out.sequence, out)
 
@@ -301,7 +330,7 @@ class PrunedVLM:
 
         _sync(device)
         start = time.perf_counter()
-        seq = self.build_prompt(input_ids, attention_mask, visual)
+        seq = self.build_prompt(input_ids, attention_mask, visual, config.positions)
         _sync(device)
         project_s = time.perf_counter() - start
 

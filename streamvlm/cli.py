@@ -31,6 +31,8 @@ def _pruning_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", metavar="NAME", help="temporal budget strategy (uniform, global, redundancy)")
     g.add_argument("--fastv-k", type=int, metavar="K")
     g.add_argument("--fastv-ratio", type=float, metavar="R")
+    g.add_argument("--positions", choices=["original", "contiguous"],
+                   help="position ids after encoder pruning: untouched (original) or renumbered (contiguous, FasterVLM)")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--temperature", type=float)
 
@@ -49,6 +51,7 @@ def _job_from_args(args: argparse.Namespace, kind: str) -> JobRequest:
         pruning = {k: v for k, v in {
             "encoder_method": args.encoder_method, "encoder_reduction": args.reduction,
             "temporal_strategy": args.strategy, "fastv_k": args.fastv_k, "fastv_ratio": args.fastv_ratio,
+            "positions": args.positions,
         }.items() if v is not None}
         if pruning:
             data["pruning"] = pruning

@@ -2,7 +2,8 @@
 
 Requests arrive as (kept pre-projector visual tokens, question, pruning config, generation settings).
 A batch closes when it holds ``max_batch_size`` requests or ``max_batch_wait_ms`` has passed since its
-first; requests that need different FastV settings or generation settings go in separate batches.
+first; requests that need different LLM-side pruning (PruningConfig.llm_key) or generation settings go in
+separate batches.
 Generation runs in a thread so the actor keeps accepting requests while the model works.
 """
 
@@ -34,8 +35,8 @@ class _Request:
 
     @property
     def group(self) -> tuple:
-        # Rows of one batch share the FastV settings and the generation settings.
-        return (self.config.fastv_k, self.config.fastv_ratio, self.max_new_tokens, self.temperature,
+        # Rows of one batch share the LLM-side pruning settings (FastV, position ids) and the generation settings.
+        return (self.config.llm_key, self.max_new_tokens, self.temperature,
                 self.visual.num_frames, self.visual.tokens_per_frame, self.visual.modality)
 
 

@@ -59,9 +59,10 @@ def test_small_run_json_table_and_plot(tmp_path: Path, capsys):
         ("cls+fastv", "redundancy", 0.75, 0.5),
     ]
     required = {"method", "strategy", "reduction", "kept_tokens", "accuracy", "flops_ratio", "by_type", "n",
-                "fastv_ratio"}
+                "fastv_ratio", "positions"}
     for r in rows:
         assert required <= set(r), r
+        assert r["positions"] == "original"
         assert r["n"] == LIMIT
         assert set(r["by_type"]) == set(EVAL_TYPES)
         assert r["n_by_type"] == {t: LIMIT // len(EVAL_TYPES) for t in EVAL_TYPES}
@@ -111,6 +112,12 @@ def test_small_run_json_table_and_plot(tmp_path: Path, capsys):
     assert plot.read_bytes()[:8] == PNG_MAGIC
     height, width = imread(plot).shape[:2]
     assert width > 600 and height > 400
+
+
+def test_positions_option_reaches_every_rows_config():
+    for mode in ("original", "contiguous"):
+        rows = ev.build_rows(parse("--positions", mode))
+        assert len(rows) > 10 and {row.config().positions for row in rows} == {mode}
 
 
 def test_batched_answers_match_one_at_a_time():

@@ -30,13 +30,14 @@ def _queue(r, consumer="worker") -> JobQueue:
 def test_submit_status_cancel_round_trip(run_cli, redis_server, r):
     env = _env(redis_server)
     out = run_cli("submit", "videos/a.mp4", "what colour is the square?", "--job-id", "cli-1",
-                  "--reduction", "0.75", "--strategy", "global", env=env)
+                  "--reduction", "0.75", "--strategy", "global", "--positions", "contiguous", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "cli-1"
     [(_, fields)] = r.xrange(RedisKeys("cli").jobs)
     job = json.loads(fields[b"job"])
     assert job["question"] == "what colour is the square?"
-    assert job["pruning"] == {"encoder_reduction": 0.75, "temporal_strategy": "global", "off": False}
+    assert job["pruning"] == {"encoder_reduction": 0.75, "temporal_strategy": "global", "positions": "contiguous",
+                              "off": False}
 
     again = run_cli("submit", "videos/a.mp4", "what colour is the square?", "--job-id", "cli-1", env=env)
     assert again.returncode == 0 and r.xlen(RedisKeys("cli").jobs) == 1  # idempotent by job id

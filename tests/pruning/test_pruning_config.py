@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,11 +33,20 @@ from pruning.vlm import PrunedVLM
         ({"fastv_ratio": -0.5}, "fastv_ratio"),
         ({"merge_dropped": "yes"}, "merge_dropped"),
         ({"seed": "1"}, "seed"),
+        ({"positions": "renumbered"}, "positions"),
     ],
 )
 def test_bad_values_raise_naming_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PruningConfig(**kwargs)
+
+
+def test_llm_key_separates_what_the_llm_half_reads():
+    base = PruningConfig("cls", 0.5, fastv_ratio=0.5)
+    for change in ({"fastv_k": 3}, {"fastv_ratio": 0.25}, {"positions": "contiguous"}):
+        assert replace(base, **change).llm_key != base.llm_key, change
+    for change in ({"encoder_reduction": 0.9}, {"temporal_strategy": "global"}, {"seed": 7}, {"min_per_frame": 2}):
+        assert replace(base, **change).llm_key == base.llm_key, change
 
 
 def test_strategy_names_match_the_registry():

@@ -98,6 +98,32 @@ def test_encoder_pruning_keeps_each_frames_cls_and_the_budget(video_llava):
         assert torch.allclose(visual.features[row, : visual.lengths[row]], full[row, f, t], atol=1e-6)
 
 
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_encoder_pruning_equals_the_untouched_model_with_dropped_tokens_masked(video_llava, positions):
+    """Pruned logits = the untouched model's, fed every token, with the dropped ones masked out of attention and
+    position ids that are the untouched ones ("original") or renumbered around the kept tokens ("contiguous")."""
+    vlm = PrunedVLM(video_llava)
+    ids, pixels = video_prompt(), clip(5)
+    config = PruningConfig("cls", 0.5, temporal_strategy="redundancy", positions=positions)
+    visual = vlm.encode_and_select(pixels, config=config)
+    out = vlm.forward_logits(ids, None, visual, config)
+    start = int((ids[0] == VIDEO_ID).nonzero()[0])
+    slots = start + visual.frame_index[:, : visual.lengths[0]] * (PATCHES + 1) + visual.token_index[:, : visual.lengths[0]]
+    mask = torch.ones_like(ids)
+    mask[:, start : start + VIDEO_SPAN] = 0
+    mask.scatter_(1, slots, 1)  # [1, L]: 1 on text and kept visual tokens
+    seen = mask.bool()
+    position_ids = torch.arange(ids.shape[1])[None] if positions == "original" else mask.cumsum(dim=1) - 1
+    with torch.no_grad():
+        ref = video_llava(input_ids=ids, pixel_values_videos=pixels, attention_mask=mask,
+                          position_ids=position_ids).logits  # [1, L, V]
+    assert out.sequence.positions.tolist() == [position_ids[seen].tolist()]
+    assert torch.allclose(out.logits, ref[seen][None], atol=1e-5, rtol=0)
+    if positions == "original":  # the next token sits where it would with nothing pruned
+        state = vlm.decoder.prefill(vlm.build_prompt(ids, None, visual), 2, 0.0, use_cache=True).state
+        assert state.next_position.tolist() == [ids.shape[1]]
+
+
 def test_random_method_is_seeded(video_llava):
     vlm = PrunedVLM(video_llava)
     a = vlm.encode_and_select(clip(3), config=PruningConfig("random", 0.5, seed=1)).kept_patch_indices()
@@ -115,10 +141,11 @@ def no_cache_reference(vlm: PrunedVLM, ids, visual, config, kept_positions, step
     for _ in range(steps):
         extra = embed(torch.tensor([tokens], dtype=torch.long))  # [1, t, d]
         n = seq.embeds.shape[1] + len(tokens)
+        following = seq.positions[:, -1:] + 1 + torch.arange(len(tokens))[None]  # [1, t]
         full = PackedSequence(
             torch.cat([seq.embeds, extra], dim=1),
             torch.ones(1, n, dtype=torch.bool),
-            torch.arange(n)[None],
+            torch.cat([seq.positions, following], dim=1),
             torch.cat([seq.visual, torch.zeros(1, len(tokens), dtype=torch.bool)], dim=1),
         )
         out = vlm.decoder.prefill(full, config.fastv_k, config.fastv_ratio, use_cache=False,
