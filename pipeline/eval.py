@@ -167,8 +167,6 @@ def build_rows(args: argparse.Namespace) -> list[RowSpec]:
     if not isinstance(args.fastv_k, int) or args.fastv_k < 1:
         raise EvalUsageError(f"--fastv-k must be an int >= 1, got {args.fastv_k!r}")
     k = args.fastv_k
-    if args.positions not in POSITION_MODES:
-        raise EvalUsageError(f"--positions must be one of {list(POSITION_MODES)}, got {args.positions!r}")
     rows: list[RowSpec] = []
     for method in methods:
         if method == "none":

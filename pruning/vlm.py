@@ -229,7 +229,7 @@ class PrunedVLM:
         embed = self.language_model.get_input_embeddings()
         param = next(self.projector.parameters())
         projected = self.projector(visual.features.to(device=param.device, dtype=param.dtype))  # [B, N, d]
-        rows, visual_rows, original = [], [], []
+        rows, visual_rows, row_positions = [], [], []
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]  # [L_b]
             span = (ids == placeholder).nonzero().flatten()
@@ -247,11 +247,15 @@ class PrunedVLM:
             before, after = embed(ids[:start]), embed(ids[end:])  # the placeholders themselves are never embedded
             kept = projected[b, : visual.lengths[b]].to(before.dtype)  # [n_b, d]
             rows.append(torch.cat([before, kept, after]))  # [L_b − T·S_f + n_b, d]
-            n_b = kept.shape[0]
-            slot = visual.frame_index[b, :n_b] * visual.tokens_per_frame + visual.token_index[b, :n_b]  # [n_b]
-            original.append(torch.cat([
-                torch.arange(start), start + slot.cpu(), end + torch.arange(after.shape[0])
-            ]))  # [S_b]: where each token sat in the untouched prompt
+            if positions == "contiguous":
+                row_positions.append(torch.arange(rows[-1].shape[0], device=before.device))  # [S_b]
+            else:  # where each token sat in the untouched prompt
+                n_b = kept.shape[0]
+                slot = visual.frame_index[b, :n_b] * visual.tokens_per_frame + visual.token_index[b, :n_b]  # [n_b]
+                row_positions.append(torch.cat([
+                    torch.arange(start, device=before.device), start + slot.to(before.device),
+                    end + torch.arange(after.shape[0], device=before.device),
+                ]))  # [S_b]
             flag = torch.zeros(rows[-1].shape[0], dtype=torch.bool, device=before.device)
             flag[start : start + kept.shape[0]] = True
             visual_rows.append(flag)
@@ -259,17 +263,12 @@ class PrunedVLM:
         embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])  # [B, S, d]
         valid = torch.zeros(len(rows), width, dtype=torch.bool, device=embeds.device)  # [B, S]
         is_visual = torch.zeros_like(valid)
-        for b, (row, flag) in enumerate(zip(rows, visual_rows, strict=True)):
+        position_ids = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)  # [B, S]; padding stays 0
+        for b, (row, flag, pos) in enumerate(zip(rows, visual_rows, row_positions, strict=True)):
             embeds[b, : row.shape[0]] = row
             valid[b, : row.shape[0]] = True
             is_visual[b, : row.shape[0]] = flag
-        if positions == "contiguous":
-            position_ids = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid  # [B, S]: 0..S_b−1 per row
-        else:
-            position_ids = torch.zeros(valid.shape, dtype=torch.long)  # [B, S]; padding stays 0
-            for b, row_ids in enumerate(original):
-                position_ids[b, : row_ids.shape[0]] = row_ids
-            position_ids = position_ids.to(valid.device)
+            position_ids[b, : row.shape[0]] = pos
         return PackedSequence(embeds, valid, position_ids, is_visual)
 
     @staticmethod

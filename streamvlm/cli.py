@@ -20,6 +20,7 @@ from pipeline.client import JobClient, JobNotFound, WaitTimeout
 from pipeline.connect import RedisUnavailable
 from pipeline.schemas import JobRequest, JobState, WindowResult, readable_validation_error
 from pipeline.settings import ConfigError, Settings, load_settings
+from pruning.config import POSITION_MODES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,7 +32,7 @@ def _pruning_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", metavar="NAME", help="temporal budget strategy (uniform, global, redundancy)")
     g.add_argument("--fastv-k", type=int, metavar="K")
     g.add_argument("--fastv-ratio", type=float, metavar="R")
-    g.add_argument("--positions", choices=["original", "contiguous"],
+    g.add_argument("--positions", choices=POSITION_MODES,
                    help="position ids after encoder pruning: untouched (original) or renumbered (contiguous, FasterVLM)")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--temperature", type=float)
