@@ -205,15 +205,44 @@ class Encoder:
         text = prompt(question).replace("<video>", "<video>" * self.video_tokens)
         return self._ids(text, True)
 
-    def conversation(self, turns) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        labels: list[int] = []
-        for i, qa in enumerate(turns):
-            p = self.first_prompt(qa.question) if i == 0 else self._ids(f"USER: {qa.question} ASSISTANT:", False)
+    def conversation(self, turns) -> tuple[list[int], list[int], list[int], list[int]]:
+        """One clip's questions as independent single-turn prompts that share the clip's prefix.
+
+        Returns ids, labels, position ids and a segment id per token (0: the shared ``<s> USER:
+        <video>…`` prefix, i + 1: turn i). With ``turn_mask`` each turn sees the prefix and itself
+        only, at the positions the inference prompt gives it: every turn trains exactly what the
+        single-turn prompt computes, and no answer can be read off an earlier turn's text (a caption
+        names every object; "what colour does the cross turn" names the shape that changes).
+        """
+        first = [self.first_prompt(qa.question) for qa in turns]
+        split = first[0].index(self.video_id) + self.video_tokens  # end of the shared prefix
+        prefix = first[0][:split]
+        ids, labels = list(prefix), [-100] * split
+        positions, segments = list(range(split)), [0] * split
+        for i, (p, qa) in enumerate(zip(first, turns, strict=True)):
+            assert p[:split] == prefix, "every single-turn prompt starts with the same prefix"
             a = self._ids(qa.answer, False) + [self.eos]
-            ids += p + a
-            labels += [-100] * len(p) + a
-        return ids, labels
+            tail = p[split:] + a
+            ids += tail
+            labels += [-100] * (len(p) - split) + a
+            positions += range(split, split + len(tail))
+            segments += [i + 1] * len(tail)
+        return ids, labels, positions, segments
+
+
+def turn_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) segment ids (0 prefix, k turn k, -1 padding) -> (B, 1, S, S) additive attention mask.
+
+    Causal, and a turn's tokens see only the shared prefix and their own turn. Padding attends to
+    itself so that no softmax row is empty (an all-masked row would put NaN into the batch).
+    """
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()  # (S, S)
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # (B, S, 1), (B, 1, S)
+    allowed = causal & ((k == 0) | (k == q)) & (k >= 0)  # (B, S, S)
+    allowed |= torch.eye(s, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)  # (B, 1, S, S)
 
 
 def embed(model, ids: torch.Tensor, feats: torch.Tensor, video_id: int) -> torch.Tensor:
@@ -224,9 +253,11 @@ def embed(model, ids: torch.Tensor, feats: torch.Tensor, video_id: int) -> torch
     return emb.masked_scatter(mask, vis.to(emb.dtype))
 
 
-def lm_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor):
+def lm_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+              position_ids: torch.Tensor | None = None):
     """(B, S, D) -> logits (K, vocab) at the K flattened (batch, pos) positions given."""
-    hidden = model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    hidden = model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
     return model.lm_head(hidden[positions[:, 0], positions[:, 1]])
 
 
@@ -328,13 +359,17 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         width = max(len(s[0]) for s in seqs)
         ids = torch.full((args.batch, width), enc.pad, dtype=torch.long)
         labels = torch.full((args.batch, width), -100, dtype=torch.long)
-        for r, (s, lab) in enumerate(seqs):  # right padding: causal attention never looks ahead at it
+        position_ids = torch.zeros((args.batch, width), dtype=torch.long)
+        segments = torch.full((args.batch, width), -1, dtype=torch.long)
+        for r, (s, lab, p, seg) in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             labels[r, : len(s)] = torch.tensor(lab)
+            position_ids[r, : len(s)] = torch.tensor(p)
+            segments[r, : len(s)] = torch.tensor(seg)
         x = embed(model, ids, feats[torch.from_numpy(idx)], enc.video_id)  # (B, S, D)
-        target = labels[:, 1:]  # token t is predicted at position t−1
+        target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
         pos = (target != -100).nonzero()  # (K, 2)
-        logits = lm_logits(model, x, None, pos)  # (K, vocab)
+        logits = lm_logits(model, x, turn_mask(segments, x.dtype), pos, position_ids)  # (K, vocab)
         tgt = target[pos[:, 0], pos[:, 1]]
         loss = F.cross_entropy(logits, tgt)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,69 @@
+"""The training script's shared-prefix batches compute exactly what single-turn inference prompts do."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from pipeline.demo_model import DemoModelShape, build_config, build_tokenizer, demo_model_path
+from pipeline.synthetic import training_clip, training_conversation
+
+SCRIPT = demo_model_path().parents[2] / "scripts" / "train_demo_model.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_turn_of_a_shared_prefix_conversation_equals_its_single_turn_prompt():
+    train = _script()
+    torch.manual_seed(0)
+    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
+                           text_heads=2, text_ffn=64)
+    tokenizer = build_tokenizer()
+    model = VideoLlavaForConditionalGeneration(build_config(tokenizer, shape)).eval()
+    enc = train.Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
+    rng = np.random.default_rng(3)
+    convs = [training_conversation(training_clip(i), rng, 10) for i in range(2)]
+    assert all(len(c) >= 3 for c in convs)
+    feats = torch.randn(2, shape.num_frames * shape.tokens_per_frame, shape.vision_width)  # (B, V, C)
+
+    seqs = [enc.conversation(c) for c in convs]
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.full((2, width), enc.pad, dtype=torch.long)
+    position_ids = torch.zeros((2, width), dtype=torch.long)
+    segments = torch.full((2, width), -1, dtype=torch.long)
+    for r, (s, _, p, seg) in enumerate(seqs):
+        ids[r, : len(s)], position_ids[r, : len(s)], segments[r, : len(s)] = (
+            torch.tensor(s), torch.tensor(p), torch.tensor(seg))
+    with torch.no_grad():
+        x = train.embed(model, ids, feats, enc.video_id)  # (B, S, D)
+        mask = train.turn_mask(segments, x.dtype)
+        checked = 0
+        for r, (conv, (_, labels, _, seg)) in enumerate(zip(convs, seqs, strict=True)):
+            for turn, qa in enumerate(conv):
+                # The last prompt token of this turn predicts its first answer token.
+                last = max(i for i, (g, lab) in enumerate(zip(seg, labels, strict=True))
+                           if g == turn + 1 and lab == -100)
+                shared = train.lm_logits(model, x, mask, torch.tensor([[r, last]]), position_ids)
+                single_ids = torch.tensor([enc.first_prompt(qa.question)])  # (1, S1)
+                single_x = train.embed(model, single_ids, feats[r : r + 1], enc.video_id)
+                single = train.lm_logits(model, single_x, None, torch.tensor([[0, single_ids.shape[1] - 1]]))
+                torch.testing.assert_close(shared, single, atol=1e-5, rtol=1e-5)
+                checked += 1
+    assert checked == sum(len(c) for c in convs)
+
+
+def test_turn_mask_hides_other_turns_and_padding():
+    train = _script()
+    segments = torch.tensor([[0, 0, 1, 1, 2, 2, -1]])  # (1, S)
+    allowed = train.turn_mask(segments, torch.float32)[0, 0] == 0  # (S, S)
+    assert allowed[4, :2].all() and not allowed[4, 2:4].any() and allowed[4, 4]  # prefix and itself
+    assert not allowed[2, 3]  # causal inside a turn
+    assert not allowed[:6, 6].any() and allowed[6, 6]  # padding is seen by nobody and sees itself
