@@ -230,6 +230,21 @@ class Encoder:
         return ids, labels, positions, segments
 
 
+def collate(seqs, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Encoder.conversation`` outputs -> right-padded (B, S) ids, labels, position ids, segment ids (-1: padding)."""
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    segments = torch.full((len(seqs), width), -1, dtype=torch.long)
+    for r, (s, lab, p, seg) in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        labels[r, : len(s)] = torch.tensor(lab)
+        position_ids[r, : len(s)] = torch.tensor(p)
+        segments[r, : len(s)] = torch.tensor(seg)
+    return ids, labels, position_ids, segments
+
+
 def turn_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, S) segment ids (0 prefix, k turn k, -1 padding) -> (B, 1, S, S) additive attention mask.
 
@@ -329,7 +344,6 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     step = 0
     next_eval = args.eval_every_s
     run_loss = 0.0
-    run_hits: dict[str, list[int]] = defaultdict(list)
     out_dir = Path(args.out)
     model.train()
     while True:
@@ -355,17 +369,8 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         idx = rng.integers(0, len(clips), size=args.batch)
-        seqs = [enc.conversation(training_conversation(clips[i], rng, args.turns)) for i in idx]
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.full((args.batch, width), enc.pad, dtype=torch.long)
-        labels = torch.full((args.batch, width), -100, dtype=torch.long)
-        position_ids = torch.zeros((args.batch, width), dtype=torch.long)
-        segments = torch.full((args.batch, width), -1, dtype=torch.long)
-        for r, (s, lab, p, seg) in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            labels[r, : len(s)] = torch.tensor(lab)
-            position_ids[r, : len(s)] = torch.tensor(p)
-            segments[r, : len(s)] = torch.tensor(seg)
+        ids, labels, position_ids, segments = collate(
+            [enc.conversation(training_conversation(clips[i], rng, args.turns)) for i in idx], enc.pad)
         x = embed(model, ids, feats[torch.from_numpy(idx)], enc.video_id)  # (B, S, D)
         target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
         pos = (target != -100).nonzero()  # (K, 2)
@@ -379,10 +384,9 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         step += 1
         run_loss += loss.item()
         if step % args.log_every == 0:
-            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {width} "
+            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {ids.shape[1]} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
             run_loss = 0.0
-    del run_hits
     return {"best_accuracy": best, "steps": step, "history": history}
 
 

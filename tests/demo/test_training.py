@@ -35,13 +35,7 @@ def test_every_turn_of_a_shared_prefix_conversation_equals_its_single_turn_promp
     feats = torch.randn(2, shape.num_frames * shape.tokens_per_frame, shape.vision_width)  # (B, V, C)
 
     seqs = [enc.conversation(c) for c in convs]
-    width = max(len(s[0]) for s in seqs)
-    ids = torch.full((2, width), enc.pad, dtype=torch.long)
-    position_ids = torch.zeros((2, width), dtype=torch.long)
-    segments = torch.full((2, width), -1, dtype=torch.long)
-    for r, (s, _, p, seg) in enumerate(seqs):
-        ids[r, : len(s)], position_ids[r, : len(s)], segments[r, : len(s)] = (
-            torch.tensor(s), torch.tensor(p), torch.tensor(seg))
+    ids, _, position_ids, segments = train.collate(seqs, enc.pad)
     with torch.no_grad():
         x = train.embed(model, ids, feats, enc.video_id)  # (B, S, D)
         mask = train.turn_mask(segments, x.dtype)
