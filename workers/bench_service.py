@@ -846,7 +846,7 @@ def config_row(config: str, plan: Plan, records: list[FileRecord], elapsed_s: fl
         "peak_rss_mb": {k: v for k, v in monitor["peak_rss_mb"].items() if k in roles},
         "cpu_cores_used": {k: v for k, v in monitor["cpu_cores_used"].items() if k in roles},
         "load_1m": monitor["load_1m"],
-        "elapsed_s": round(elapsed_s, 2),
+        "elapsed_s": round(elapsed_s, 4),
     }
     return row
 
