@@ -4,11 +4,13 @@ Stage 1  pretrain the CLIP vision tower on its [CLS] output: multi-label "which 
          are in this frame" (BCE). Then measure where layer −2's [CLS] attention goes: the share on
          patches that hold objects is what FasterVLM's pruning relies on.
 Stage 2  freeze the tower, cache its layer −2 hidden states for every training clip once (the tower
-         never runs again), and train projector + Llama on multi-turn conversations about each clip
-         (questions of every type, captions), loss on answer tokens only, on ALL visual tokens.
-         The first turn is exactly Video-LLaVA's single-turn prompt used at inference.
+         never runs again), and train projector + Llama on several questions per clip (every type,
+         captions), loss on answer tokens only, on ALL visual tokens. The questions share the clip's
+         prefix but each sees only that prefix and itself (a turn mask), so every turn is exactly
+         Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
 
-The best checkpoint so far (by held-out accuracy on a fixed subset) is saved with save_pretrained into
+The best checkpoint so far (by accuracy on a fixed validation subset, its own seed, never the held-out
+set) is saved with save_pretrained into
 pipeline/assets/demo_model as training goes, so a stopped run still leaves a usable model.
 
     nice -n 10 python scripts/train_demo_model.py --minutes 60 > .streamvlm/train.log 2>&1
@@ -52,6 +54,7 @@ from pipeline.synthetic import (  # noqa: E402
     NUM_FRAMES,
     SHAPES,
     TRAIN_SEED,
+    VALIDATION_SEED,
     held_out_set,
     training_clip,
     training_conversation,
@@ -329,9 +332,9 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         clips.extend(part)
         log(f"  cached {len(clips)} clips ({time.time() - t0:.0f}s)")
     feats = torch.cat(feats_parts)  # (num_clips, V, C)
-    held = held_out_set(args.eval_questions)
-    held_feats = cache_features(tower, [s.clip.frames for s in held])
-    log(f"cached {feats.shape} train + {held_feats.shape} held-out features in {time.time() - t0:.0f}s")
+    val = held_out_set(args.eval_questions, seed=VALIDATION_SEED)
+    val_feats = cache_features(tower, [s.clip.frames for s in val])
+    log(f"cached {feats.shape} train + {val_feats.shape} validation features in {time.time() - t0:.0f}s")
 
     trainable = [p for n, p in model.named_parameters() if "tower" not in n]
     log(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
@@ -350,7 +353,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         elapsed = time.time() - t_start
         done = elapsed >= budget_s or (args.max_steps and step >= args.max_steps)
         if elapsed >= next_eval or done:
-            res = evaluate(model, enc, held_feats, held)
+            res = evaluate(model, enc, val_feats, val)
             res.update(step=step, minutes=round((time.time() - args.start_time) / 60, 1))
             history.append(res)
             log(f"EVAL step {step}: acc {res['accuracy']:.3f} " + " ".join(
@@ -439,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
-    ap.add_argument("--eval-questions", type=int, default=250, help="held-out questions checked while training")
+    ap.add_argument("--eval-questions", type=int, default=250,
+                    help="validation questions checked while training (own seed: the held-out set stays unseen)")
     ap.add_argument("--eval-every-s", type=float, default=300.0)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -468,13 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(saved.state_dict())
         summary = json.loads((args.init_from / "training_summary.json").read_text())
         tower_stats = {**summary.get("tower", {}), "continued_from": summary.get("eval", {})}
-        log(f"continuing from {args.init_from} (held-out accuracy then {summary.get('eval', {}).get('accuracy')})")
+        log(f"continuing from {args.init_from} (validation accuracy then {summary.get('eval', {}).get('accuracy')})")
     else:
         tower_stats = pretrain_tower(model, args)
         if args.tower_only:
             return 0
     result = train_lm(model, tokenizer, shape, args, tower_stats)
-    log(f"done: best held-out accuracy {result['best_accuracy']:.3f} after {result['steps']} steps, "
+    log(f"done: best validation accuracy {result['best_accuracy']:.3f} after {result['steps']} steps, "
         f"{(time.time() - args.start_time) / 60:.1f} min")
     return 0
 

@@ -2,7 +2,8 @@
 
 Sample i of a set with seed s is rendered from ``numpy.random.default_rng([s, i, attempt])``: a pure
 function of (s, i), independent of how many samples are drawn or in which order. The held-out set
-has its own seed, so none of its clips is a training clip.
+has its own seed, so none of its clips is a training clip; the validation set (same generator,
+``VALIDATION_SEED``) picks the training checkpoint, so the held-out set stays unseen until eval.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .scene import EVENTS, Clip, render_clip
 
 TRAIN_SEED = 20_241_201
 HELD_OUT_SEED = 77_000_077
+VALIDATION_SEED = 55_000_055  # checkpoint selection while training: never the held-out (test) set
 HELD_OUT_SIZE = 750  # 150 questions per EVAL_TYPES entry
 NO_EVENT_SHARE = 0.2  # share of time questions whose answer is "none"
 

@@ -15,6 +15,7 @@ from pipeline.synthetic import (
     NO_EVENT,
     SHAPES,
     TRAIN_SEED,
+    VALIDATION_SEED,
     caption,
     held_out_sample,
     held_out_set,
@@ -86,7 +87,7 @@ def test_time_answers_live_in_the_event_frames():
     assert set(seen) == {"none", "appear", "disappear", "change"}
 
 
-def test_held_out_set_is_balanced_and_disjoint_from_training():
+def test_held_out_set_is_balanced_and_disjoint_from_training_and_validation():
     held = held_out_set(60)
     types = Counter(s.qa.qtype for s in held)
     assert set(types) == set(EVAL_TYPES) and len(set(types.values())) == 1
@@ -95,6 +96,9 @@ def test_held_out_set_is_balanced_and_disjoint_from_training():
     assert HELD_OUT_SEED != TRAIN_SEED
     train = {_digest(training_clip(i).frames) for i in range(150)}
     assert not train & {_digest(s.clip.frames) for s in held}
+    validation = held_out_set(60, seed=VALIDATION_SEED)  # picks the training checkpoint
+    assert len({HELD_OUT_SEED, TRAIN_SEED, VALIDATION_SEED}) == 3
+    assert not {_digest(s.clip.frames) for s in validation} & ({_digest(s.clip.frames) for s in held} | train)
     answers = Counter(s.qa.answer for s in held if s.qa.qtype == "shape")
     assert set(answers) <= set(SHAPES) and len(answers) >= 3
 
