@@ -40,7 +40,9 @@ def training_conversation(clip: Clip, rng: np.random.Generator, max_turns: int =
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     pools = {t: questions_of_type(clip, t, rng) for t in TRAIN_TYPES}
     turns: list[QA] = []
-    named: set[int] = set()  # objects whose colour or shape was already asked: the pair would leak
+    # Objects whose colour or shape was already asked. Training isolates turns now (a turn mask), so the
+    # pair no longer leaks; the rule stays so the shipped checkpoint's data is reproducible from its seed.
+    named: set[int] = set()
     if rng.random() < caption_share:
         turns.append(QA(CAPTION_PROMPT, caption(clip), "caption"))
     while len(turns) < max_turns and any(pools.values()):
