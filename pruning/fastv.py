@@ -17,6 +17,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,10 @@ class FastVDecoder:
     def __init__(self, language_model: nn.Module):
         self.model = language_model
         self.layers = language_model.layers
+        # transformers 5.24 renamed the decoder layer's cache argument (past_key_values -> cache) and
+        # warns on the old name; pass it under whichever name this version's layer takes.
+        params = inspect.signature(type(self.layers[0]).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.num_layers = len(self.layers)
         config = language_model.config
         self.eager = getattr(config, "_attn_implementation", "sdpa") == "eager"
@@ -123,9 +128,9 @@ class FastVDecoder:
             hidden,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=rope,
+            **{self._cache_arg: cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
