@@ -9,6 +9,10 @@ entry point the service's workers and ``streamvlm ask`` use, once per row of the
     fastv       FastV inside the LLM, K = --fastv-k, at each FastV ratio R
     cls+fastv   [CLS] pruning with each strategy at the --combined reductions, then FastV at R = --combined-fastv-ratio
 
+``--video h264`` reads every clip the way the service does: written as the 4 s H.264 file the tests,
+demo and ``bench service`` use (each of the T frames shown REPEAT times at FPS), opened by the service's
+file source and sampled by its rule (T segment centres). The default, ``frames``, feeds the rendered frames.
+
 Answers are greedy; a question counts as right when the stripped answer text equals the expected word.
 Rows sharing an encoder configuration share one ``encode`` per clip; questions are answered in batches
 of --batch-size rows (each row of a batch keeps its own token count).
@@ -27,10 +31,13 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.settings import Settings
 from pipeline.synthetic import COLOURS, DIRECTIONS, EVAL_TYPES, HELD_OUT_SIZE, NO_EVENT, QA, SHAPES, Sample
@@ -42,6 +49,8 @@ METHODS = ("none", "random", "cls", "fastv", "cls+fastv")
 DEFAULT_REDUCTIONS = (0.5, 0.75, 0.9, 0.95)
 DEFAULT_FASTV_RATIOS = (0.5, 0.75, 0.9)
 DEFAULT_COMBINED_REDUCTIONS = (0.75, 0.9)
+VIDEO_INPUTS = ("frames", "h264")
+FPS, REPEAT = 8, 4  # a held-out clip as the tests and bench write it: 8 frames, each shown 4 times at 8 fps
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -356,6 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", choices=POSITION_MODES, default="original",
                         help="position ids after encoder pruning: the untouched ones (original, default) or "
                              "renumbered around the kept tokens (contiguous, FasterVLM's rule)")
+    parser.add_argument("--video", choices=VIDEO_INPUTS, default="frames",
+                        help="clip input: the rendered frames (default) or each clip written as H.264 and read "
+                             "back through the service's file source, as every file and stream reaches the model")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per answer call (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=8,
                         help="answer length cap (answers are single words; default 8)")
@@ -384,6 +396,23 @@ def _check_options(args: argparse.Namespace) -> None:
             raise EvalUsageError(f"--plot: folder {str(plot.parent)!r} does not exist")
 
 
+def through_h264(samples: list[Sample], settings: Settings) -> list[Sample]:
+    """The samples with each clip's frames replaced by what the service reads from its H.264 file."""
+    from pipeline.loopback import write_video
+    from pipeline.sources import SourcePolicy, open_source, sample_clip
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="streamvlm-eval-") as tmp:
+        policy = SourcePolicy.from_settings(settings.sources, settings.sampling, allowed_roots=(Path(tmp).resolve(),))
+        for s in samples:
+            frames = s.clip.frames  # [T, H, W, 3] uint8
+            path = write_video(Path(tmp) / f"clip{s.index}.mp4", np.repeat(frames, REPEAT, axis=0), fps=FPS)
+            with open_source(str(path), policy) as source:
+                decoded = sample_clip(source, len(frames)).frames  # [T, H, W, 3] uint8
+            out.append(replace(s, clip=replace(s.clip, frames=decoded)))
+    return out
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     def fail(code: int, message: str) -> int:
         print(f"streamvlm eval: {message}", file=sys.stderr)
@@ -405,6 +434,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from pipeline.inference import ModelLoadError, VideoQA
+    from pipeline.sources import SourceError
     from pipeline.synthetic import held_out_set
 
     if args.threads is not None:
@@ -415,6 +445,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (ModelLoadError, OSError, ValueError) as exc:
         return fail(EXIT_FAILED, f"model: cannot load {model_path}: {exc}")
     samples = held_out_set(args.limit)
+    if args.video == "h264":
+        try:
+            samples = through_h264(samples, settings)
+        except SourceError as exc:
+            return fail(EXIT_FAILED, f"--video h264: {exc}")
     try:
         for row in rows:
             row.config().check_against(qa_model.pruned.config, num_frames=len(samples[0].clip.frames))

@@ -132,6 +132,26 @@ def test_batched_answers_match_one_at_a_time():
         assert b.kept_tokens == s.kept_tokens
 
 
+def test_h264_input_is_what_the_service_reads(capsys):
+    """--video h264: every clip goes through an H.264 file and the service's file source: close to the
+    rendered frames (same clip, same order) but not equal (lossy), and the eval runs on them."""
+    samples = held_out_set(5)
+    decoded = ev.through_h264(samples, Settings())
+    for s, d in zip(samples, decoded, strict=True):
+        assert d.qa == s.qa
+        assert d.clip.frames.shape == s.clip.frames.shape and d.clip.frames.dtype == s.clip.frames.dtype
+        diff = abs(d.clip.frames.astype(int) - s.clip.frames.astype(int))  # [T, H, W, 3]
+        assert 0 < diff.mean() < 12, diff.mean()
+        # frame t of the file is frame t of the clip: nearer to it than to any other frame of the clip
+        for t in range(len(s.clip.frames)):
+            dist = [abs(d.clip.frames[t].astype(int) - f.astype(int)).mean() for f in s.clip.frames]
+            assert min(dist) == dist[t] or dist[t] < 4, (t, dist)
+    args = parse("--limit", "5", "--methods", "none", "--video", "h264", "--json")
+    assert ev.run(args, Settings()) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["none"] and rows[0]["n"] == 5
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "needle"),
     [
