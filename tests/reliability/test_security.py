@@ -325,6 +325,16 @@ class TlsTerminator:
         self.sock.close()
 
 
+def _eventually(check, timeout_s: float = 5.0) -> bool:
+    """Poll ``check`` until true or the deadline: counters another thread updates after the client returns."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_rediss_urls_speak_tls_and_verify_the_server(locked_redis, tmp_path):
     """The bundled redis-server has no TLS (``--tls-port`` is not compiled in), so a real TLS terminator
     fronts it: ``rediss://`` with the CA in the URL talks TLS end to end, and refuses an unknown certificate."""
@@ -340,12 +350,14 @@ def test_rediss_urls_speak_tls_and_verify_the_server(locked_redis, tmp_path):
         with pytest.raises(redis.ConnectionError, match="certificate verify failed"), \
                 make_client(url.split("?")[0], retries=0) as client:
             client.ping()
+        # The terminator's thread counts that aborted handshake after the client has already raised.
+        assert _eventually(lambda: proxy.refused >= 1), "the terminator never saw the aborted handshake"
         # Plain redis:// at the TLS port: the terminator refuses the handshake; the URL's scheme decides.
         refused = proxy.refused
         with pytest.raises(redis.ConnectionError), make_client(f"redis://:{PASSWORD}@127.0.0.1:{proxy.port}/0",
                                                                retries=0) as client:
             client.ping()
-        assert proxy.refused > refused
+        assert _eventually(lambda: proxy.refused > refused), (proxy.refused, refused)
     finally:
         proxy.close()
 
