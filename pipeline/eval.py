@@ -10,7 +10,7 @@ entry point the service's workers and ``streamvlm ask`` use, once per row of the
     cls+fastv   [CLS] pruning with each strategy at the --combined reductions, then FastV at R = --combined-fastv-ratio
 
 ``--video h264`` reads every clip the way the service does: written as the 4 s H.264 file the tests,
-demo and ``bench service`` use (each of the T frames shown REPEAT times at FPS), opened by the service's
+demo and ``bench service`` use (``pipeline.loopback.write_clip``), opened by the service's
 file source and sampled by its rule (T segment centres). The default, ``frames``, feeds the rendered frames.
 
 Answers are greedy; a question counts as right when the stripped answer text equals the expected word.
@@ -37,8 +37,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.settings import Settings
 from pipeline.synthetic import COLOURS, DIRECTIONS, EVAL_TYPES, HELD_OUT_SIZE, NO_EVENT, QA, SHAPES, Sample
 from pipeline.synthetic.language import NUMBER_WORDS
@@ -50,7 +48,6 @@ DEFAULT_REDUCTIONS = (0.5, 0.75, 0.9, 0.95)
 DEFAULT_FASTV_RATIOS = (0.5, 0.75, 0.9)
 DEFAULT_COMBINED_REDUCTIONS = (0.75, 0.9)
 VIDEO_INPUTS = ("frames", "h264")
-FPS, REPEAT = 8, 4  # a held-out clip as the tests and bench write it: 8 frames, each shown 4 times at 8 fps
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -398,7 +395,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def through_h264(samples: list[Sample], settings: Settings) -> list[Sample]:
     """The samples with each clip's frames replaced by what the service reads from its H.264 file."""
-    from pipeline.loopback import write_video
+    from pipeline.loopback import write_clip
     from pipeline.sources import SourcePolicy, open_source, sample_clip
 
     out = []
@@ -406,7 +403,7 @@ def through_h264(samples: list[Sample], settings: Settings) -> list[Sample]:
         policy = SourcePolicy.from_settings(settings.sources, settings.sampling, allowed_roots=(Path(tmp).resolve(),))
         for s in samples:
             frames = s.clip.frames  # [T, H, W, 3] uint8
-            path = write_video(Path(tmp) / f"clip{s.index}.mp4", np.repeat(frames, REPEAT, axis=0), fps=FPS)
+            path = write_clip(Path(tmp) / f"clip{s.index}.mp4", frames)
             with open_source(str(path), policy) as source:
                 decoded = sample_clip(source, len(frames)).frames  # [T, H, W, 3] uint8
             out.append(replace(s, clip=replace(s.clip, frames=decoded)))

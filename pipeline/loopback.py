@@ -128,6 +128,13 @@ class LoopbackCamera:
         self.stop()
 
 
+def write_clip(path: str | Path, frames: np.ndarray) -> Path:
+    """A synthetic clip's [T, H, W, 3] frames as the 4 s H.264 file the demo, tests and benchmarks use."""
+    from pipeline.synthetic import VIDEO_FPS, VIDEO_REPEAT
+
+    return write_video(path, np.repeat(frames, VIDEO_REPEAT, axis=0), fps=VIDEO_FPS)
+
+
 def held_out_frames(first: int = 0, count: int = 16, repeat: int = 4) -> FrameFn:
     """Frame ``n`` of an endless feed cycling through held-out clips ``first … first+count-1``, each of
     their frames shown ``repeat`` times (at 8 fps and repeat 4, one clip = 4 s of video)."""

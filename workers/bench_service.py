@@ -77,7 +77,9 @@ from typing import Any
 
 import numpy as np
 
-FPS, REPEAT = 8, 4  # a held-out clip's 8 frames, each shown 4 times at 8 fps: one clip = 4 s of H.264
+from pipeline.synthetic import VIDEO_FPS as FPS
+from pipeline.synthetic import VIDEO_REPEAT as REPEAT
+
 CONFIGS = ("A", "B", "C", "D")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -917,14 +919,14 @@ def machine() -> dict[str, Any]:
 
 
 def write_media(media: Path, indices: list[int]) -> list[Sample]:
-    from pipeline.loopback import write_video
+    from pipeline.loopback import write_clip
     from pipeline.synthetic import held_out_sample
 
     samples = []
     for i in indices:
         sample = held_out_sample(i)
         path = media / f"clip{i:04d}.mp4"
-        write_video(path, np.repeat(sample.clip.frames, REPEAT, axis=0), fps=FPS)
+        write_clip(path, sample.clip.frames)
         samples.append(Sample(i, str(path), sample.qa.question, sample.qa.answer))
     return samples
 

@@ -12,19 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.client import JobClient
 from pipeline.connect import redacted_url
-from pipeline.loopback import LoopbackCamera, held_out_frames, write_video
+from pipeline.loopback import LoopbackCamera, held_out_frames, write_clip
 from pipeline.schemas import JobRequest, WindowResult
 from pipeline.settings import Settings
-from pipeline.synthetic import held_out_sample
+from pipeline.synthetic import VIDEO_FPS, VIDEO_REPEAT, held_out_sample
 from workers.service import Service
 from workers.service_thread import ServiceThread
 
-FPS = 8
-REPEAT = 4  # each of a synthetic clip's 8 frames stays on screen REPEAT / FPS s: 4 s per clip
+FPS, REPEAT = VIDEO_FPS, VIDEO_REPEAT  # a clip's frames on screen REPEAT / FPS s each: 4 s per clip
+
 
 
 def _say(text: str) -> None:
@@ -48,7 +46,7 @@ def run_demo(settings: Settings, workdir: Path, caption_windows: int = 3, timeou
         settings.sources.allowed_roots = [*settings.sources.allowed_roots, workdir.resolve()]
 
     sample = held_out_sample(0)
-    video = write_video(workdir / "sample.mp4", np.repeat(sample.clip.frames, REPEAT, axis=0), fps=FPS)
+    video = write_clip(workdir / "sample.mp4", sample.clip.frames)
     per_clip = sample.clip.frames.shape[0] * REPEAT
     camera = LoopbackCamera(held_out_frames(first=1, count=16, repeat=REPEAT), fps=FPS)
     camera.start()

@@ -19,6 +19,9 @@ import numpy as np
 
 FRAME_SIZE = 64
 NUM_FRAMES = 8
+# A clip as a video file or camera (demo, tests, benchmarks, eval --video h264): each frame on screen
+# VIDEO_REPEAT / VIDEO_FPS s, so one clip is 4 s of video.
+VIDEO_FPS, VIDEO_REPEAT = 8, 4
 PATCH_SIZE = 8
 OBJECT_RADIUS = 5.0
 

@@ -6,19 +6,18 @@ import json
 import socket
 import time
 
-import numpy as np
 import redis
 
 from pipeline.keys import RedisKeys
-from pipeline.loopback import held_out_frames, write_video
+from pipeline.loopback import held_out_frames, write_clip
 from pipeline.schemas import WindowResult
 from pipeline.settings import load_settings
-from pipeline.synthetic import held_out_sample
+from pipeline.synthetic import VIDEO_FPS, VIDEO_REPEAT, held_out_sample
 from workers.service import Service
 from workers.service_thread import ServiceThread
 
-FPS = 8
-REPEAT = 4  # each of a clip's 8 frames is shown for REPEAT / FPS s: one clip = 4 s of video
+FPS, REPEAT = VIDEO_FPS, VIDEO_REPEAT  # a clip's frames on screen REPEAT / FPS s each: 4 s per clip
+
 
 
 def free_port() -> int:
@@ -30,7 +29,7 @@ def free_port() -> int:
 def clip_video(path, index: int):
     """A 4 s H.264 file of held-out clip ``index``; returns (path, sample)."""
     sample = held_out_sample(index)
-    write_video(path, np.repeat(sample.clip.frames, REPEAT, axis=0), fps=FPS)
+    write_clip(path, sample.clip.frames)
     return path, sample
 
 
