@@ -135,6 +135,24 @@ def write_clip(path: str | Path, frames: np.ndarray) -> Path:
     return write_video(path, np.repeat(frames, VIDEO_REPEAT, axis=0), fps=VIDEO_FPS)
 
 
+def h264_round_trip(frames: np.ndarray, workdir: str | Path) -> np.ndarray:
+    """The [T, H, W, 3] frames the service samples from ``write_clip``'s file of ``frames``.
+
+    ``sample_clip`` asks for the T frames at the centres of T equal windows of the 4 s video, i.e. frame
+    ``REPEAT // 2`` of each group of ``REPEAT`` copies; decoding every frame with PyAV and taking those
+    is the same picture (tests check equality with the service path) without opening a source, which
+    costs ~0.1 s per file. Training uses it so the model learns the pictures the service reads.
+    """
+    from pipeline.synthetic import VIDEO_REPEAT
+
+    path = write_clip(Path(workdir) / "round_trip.mp4", frames)
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]  # T·REPEAT × [H, W, 3]
+    if len(decoded) != len(frames) * VIDEO_REPEAT:
+        raise RuntimeError(f"decoded {len(decoded)} frames from {len(frames)} × {VIDEO_REPEAT} written")
+    return np.stack(decoded[VIDEO_REPEAT // 2 :: VIDEO_REPEAT])  # [T, H, W, 3]
+
+
 def held_out_frames(first: int = 0, count: int = 16, repeat: int = 4) -> FrameFn:
     """Frame ``n`` of an endless feed cycling through held-out clips ``first … first+count-1``, each of
     their frames shown ``repeat`` times (at 8 fps and repeat 4, one clip = 4 s of video)."""

@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -48,6 +49,7 @@ from pipeline.demo_model import (  # noqa: E402
     prompt,
     save_processor_files,
 )
+from pipeline.loopback import h264_round_trip  # noqa: E402
 from pipeline.synthetic import (  # noqa: E402
     COLOURS,
     EVAL_TYPES,
@@ -88,6 +90,16 @@ def cls_attention(tower, pixel_values: torch.Tensor) -> torch.Tensor:
     return probs.mean(1)[:, 0, 1:]  # (F, P)
 
 
+def as_served(clips_frames: list[np.ndarray], args) -> list[np.ndarray]:
+    """Each clip's (T, H, W, 3) frames as the service reads them (--video h264: through the 4 s H.264
+    file), so the tower and LLM learn the codec's chroma bleed on 64 px frames instead of meeting it
+    first at inference (a model trained on rendered frames lost 12.7 points that way)."""
+    if args.video == "frames":
+        return clips_frames
+    with tempfile.TemporaryDirectory(prefix="streamvlm-train-") as tmp:
+        return [h264_round_trip(f, tmp) for f in clips_frames]
+
+
 # ---------------------------------------------------------------- stage 1: vision tower
 
 
@@ -104,7 +116,7 @@ def pretrain_tower(model, args) -> dict:
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
     log(f"stage 1: rendering {args.tower_clips} clips")
     clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
-    frames = np.concatenate([c.frames for c in clips])  # (F, H, W, 3)
+    frames = np.concatenate(as_served([c.frames for c in clips], args))  # (F, H, W, 3)
     labels = torch.from_numpy(np.concatenate([c.frame_labels() for c in clips]))  # (F, L)
     masks = np.concatenate([c.patch_mask() for c in clips])  # (F, P)
     patch_labels = torch.from_numpy(np.concatenate([c.patch_labels() for c in clips]))  # (F, P, 2)
@@ -328,12 +340,12 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     feats_parts = []
     for i in range(0, args.clips, 500):
         part = [training_clip(j) for j in range(i, min(args.clips, i + 500))]
-        feats_parts.append(cache_features(tower, [c.frames for c in part]))
+        feats_parts.append(cache_features(tower, as_served([c.frames for c in part], args)))
         clips.extend(part)
         log(f"  cached {len(clips)} clips ({time.time() - t0:.0f}s)")
     feats = torch.cat(feats_parts)  # (num_clips, V, C)
     val = held_out_set(args.eval_questions, seed=VALIDATION_SEED)
-    val_feats = cache_features(tower, [s.clip.frames for s in val])
+    val_feats = cache_features(tower, as_served([s.clip.frames for s in val], args))
     log(f"cached {feats.shape} train + {val_feats.shape} validation features in {time.time() - t0:.0f}s")
 
     trainable = [p for n, p in model.named_parameters() if "tower" not in n]
@@ -435,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tower-lr", type=float, default=1e-3)
     ap.add_argument("--patch-loss", type=float, default=0.0,
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
+    ap.add_argument("--video", choices=("h264", "frames"), default="h264",
+                    help="train and validate on frames as the service reads them from H.264 (default) or as rendered")
     ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics")
     ap.add_argument("--clips", type=int, default=8000, help="training clips whose features are cached")
     ap.add_argument("--batch", type=int, default=8)

@@ -11,12 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.image import imread
 
 from pipeline import eval as ev
 from pipeline.demo_model import demo_model_path
 from pipeline.inference import VideoQA
+from pipeline.loopback import h264_round_trip
 from pipeline.settings import Settings
 from pipeline.synthetic import EVAL_TYPES, held_out_set
 
@@ -150,6 +152,14 @@ def test_h264_input_is_what_the_service_reads(capsys):
     assert ev.run(args, Settings()) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["none"] and rows[0]["n"] == 5
+
+
+def test_training_round_trip_is_the_service_picture(tmp_path):
+    """h264_round_trip (what training sees) gives exactly the frames the service's file source and
+    sampling give for the same 4 s H.264 file (through_h264, what eval --video h264 and the service read)."""
+    samples = held_out_set(3)
+    for s, d in zip(samples, ev.through_h264(samples, Settings()), strict=True):
+        np.testing.assert_array_equal(h264_round_trip(s.clip.frames, tmp_path), d.clip.frames)
 
 
 @pytest.mark.parametrize(
