@@ -711,9 +711,8 @@ class ShipProbe:
 
         job = JobRequest.model_validate({"source": sample.path, "kind": "ask", "question": sample.question,
                                          "pruning": pruning})
-        self.actor.open(job, 0)
         try:
-            meta, tokens = self.actor.next_clip()
+            meta, tokens = self.actor.open(job, 0)
         finally:
             self.actor.close()
         return {"bytes": int(meta["bytes_shipped"]), "features_nbytes": int(tokens.features.nbytes),

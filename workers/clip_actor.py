@@ -2,7 +2,8 @@
 the temporal budget, and hands on only the kept pre-projector features, cast to a reduced precision.
 
 The service keeps a pool of these (``workers.max_active_jobs``), each serving one job at a time; the
-model is loaded once per actor. One call = one clip.
+model is loaded once per actor. One call = one clip: ``open`` cuts the first, so an ask job takes one
+call here (its source is closed as soon as its only clip is cut).
 """
 
 from __future__ import annotations
@@ -33,32 +34,39 @@ class ClipActor:
         self.clips: JobClips | None = None
         self.events: list[SourceEvent] = []
 
-    def open(self, job: JobRequest, first_window: int) -> dict[str, Any]:
-        """Open the job's source; source errors (forbidden, not found, corrupt …) propagate typed."""
+    @ray.method(num_returns=2)
+    def open(self, job: JobRequest, first_window: int) -> tuple[dict[str, Any], Any]:
+        """Open the job's source and cut its first clip, as ``next_clip``. Source errors (forbidden, not
+        found, corrupt …) propagate typed."""
         self.close()
         self.events.clear()
         self.config = effective_pruning(job, self.settings, self.qa.pruned.config)
         self.clips = JobClips(job, self.settings, first_window, on_event=self.events.append)
-        return {"live": self.clips.live}
+        return self.next_clip()
 
     @ray.method(num_returns=2)
     def next_clip(self) -> tuple[dict[str, Any], Any]:
-        """(meta, kept visual tokens) for the next clip, or ({"end": True, ...}, None) when there is none."""
+        """(meta, kept visual tokens) for the next clip, or ({"end": True, ...}, None) when there is none.
+        ``meta["closed"]``: the source is closed already (the job has no further clip), no close() needed."""
         assert self.clips is not None, "open() first"
         start = time.perf_counter()
         clip = self.clips.next()
         decode_s = time.perf_counter() - start
+        closed = clip is None or self.clips.job.kind == "ask"  # an ask has one clip: free the source now
+        if closed:
+            self.close()
         # Emptied in place, one atomic pop at a time: the live reader thread appends through this very
         # list's bound append, at any moment.
         events = []
         while self.events:
             events.append(self.events.pop(0))
         if clip is None:
-            return {"end": True, "events": events}, None
+            return {"end": True, "closed": True, "events": events}, None
         visual = self.qa.encode(clip.frames, self.config)
         shipped = visual.to(dtype=self.ship_dtype)
         meta = {
             "end": False,
+            "closed": closed,
             "window_index": clip.window_index,
             "start_s": float(clip.start_s),
             "end_s": float(clip.end_s),

@@ -83,6 +83,7 @@ class Service:
         self._held: list[Delivery] = []
         self._stopping = asyncio.Event()
         self._idle_clip_actors: asyncio.Queue | None = None
+        self._maybe_restarting: set[int] = set()  # id() of clip actors that died under a job since
         self._llm_cycle: Any = None
         self.llm_workers: list[Any] = []
         self.clip_actors: list[Any] = []
@@ -299,15 +300,16 @@ class Service:
             return
         actor = await self._idle_clip_actors.get()
         self.running[job.job_id].clip_actor = actor
+        closed = False  # the actor closed the source itself (after a job's last clip)
         try:
-            await self._open(actor, job, accepted.status.checkpoint)
-            next_clip = actor.next_clip.remote()
+            next_clip = await self._open(actor, job, accepted.status.checkpoint)
             while True:
                 if job.deadline is not None and time.time() > job.deadline.timestamp():
                     self._end(job.job_id, entry, JobState.failed, "deadline passed before the job finished")
                     return
                 meta_ref, tokens_ref = next_clip
                 meta = await self._next_meta(actor, meta_ref, job.job_id)
+                closed = meta["closed"]
                 self._publish_events(job.job_id, meta["events"])
                 if q.cancel_requested(job.job_id):  # once per window (an "end" may be the stop's doing)
                     self._end(job.job_id, entry, JobState.cancelled, "cancelled by request")
@@ -341,31 +343,36 @@ class Service:
             q.note_error(job.job_id, f"worker died: {type(exc).__name__}")
             q.release(entry)
             self.metrics.redeliveries.inc()
+            self._maybe_restarting.add(id(actor))
         except RayTaskError as exc:  # an unexpected error inside an actor: retried up to max_deliveries
             log.exception("failed in an actor; the job will be retried", extra={"job_id": job.job_id})
             q.note_error(job.job_id, _message(exc))
             q.release(entry)
             self.metrics.redeliveries.inc()
         finally:
-            actor.close.remote()
+            if not closed:
+                actor.close.remote()
             self._idle_clip_actors.put_nowait(actor)
 
-    async def _open(self, actor: Any, job: Any, first_window: int) -> None:
-        """Open the job's source on ``actor``. An actor still restarting after an earlier crash is waited for
-        first: the job has done nothing wrong yet and must not spend one of its ``max_deliveries`` on it. A
-        crash during ``open`` itself is the job's, and propagates."""
-        deadline = time.monotonic() + self.settings.workers.start_timeout_s
-        delay_s = 0.25
-        while True:
-            try:
-                await actor.pid.remote()
-                break
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(delay_s)
-                delay_s = min(2 * delay_s, 5.0)
-        await actor.open.remote(job, first_window)
+    async def _open(self, actor: Any, job: Any, first_window: int) -> Any:
+        """Submit ``open`` (which cuts the first clip) on ``actor``; returns its (meta, tokens) refs. An actor
+        that lost a job to a crash may still be restarting: it is waited for first, since the new job has
+        done nothing wrong and must not spend one of its ``max_deliveries`` on it. Other actors are not
+        probed (a round trip per job). A crash during ``open`` itself is the job's, and propagates."""
+        if id(actor) in self._maybe_restarting:
+            deadline = time.monotonic() + self.settings.workers.start_timeout_s
+            delay_s = 0.25
+            while True:
+                try:
+                    await actor.pid.remote()
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(2 * delay_s, 5.0)
+            self._maybe_restarting.discard(id(actor))
+        return actor.open.remote(job, first_window)
 
     async def _next_meta(self, actor: Any, meta_ref: Any, job_id: str) -> dict[str, Any]:
         """The clip's meta. Meanwhile a cancel is looked for every ``CANCEL_POLL_S`` and passed to the actor,
@@ -373,14 +380,13 @@ class Service:
         the source keeps reconnecting) must not hold a cancelled job."""
         assert self.queue is not None
         meta = asyncio.wrap_future(meta_ref.future())
-        stopped = False
         while True:
             done, _ = await asyncio.wait({meta}, timeout=CANCEL_POLL_S)
             if done:
                 return meta.result()
-            if not stopped and await asyncio.to_thread(self.queue.cancel_requested, job_id):
+            # Repeated every poll: a stop that lands while open() is still connecting finds no clips to stop.
+            if await asyncio.to_thread(self.queue.cancel_requested, job_id):
                 actor.stop.remote()
-                stopped = True
 
     async def _store(self, result: WindowResult, entry: str, final: bool) -> None:
         """Store a window's result, waiting out a Redis outage: the script stores each window at most once,
