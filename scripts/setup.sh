@@ -8,4 +8,6 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# Pinned to the versions the suite last passed with (CONSTRAINTS= installs the newest in pyproject's ranges).
+CONSTRAINTS=${CONSTRAINTS-scripts/constraints.txt}
+.venv/bin/python -m pip install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e '.[test]'
