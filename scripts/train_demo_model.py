@@ -9,6 +9,9 @@ Stage 2  freeze the tower, cache its layer −2 hidden states for every training
          prefix but each sees only that prefix and itself (a turn mask), so every turn is exactly
          Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
 
+Both stages see each clip as the service reads it (--video h264, the default): written as the 4 s H.264
+file and decoded at the frames the service samples; stage-1 labels come from the rendered scene.
+
 The best checkpoint so far (by accuracy on a fixed validation subset, its own seed, never the held-out
 set) is saved with save_pretrained into
 pipeline/assets/demo_model as training goes, so a stopped run still leaves a usable model.
