@@ -473,6 +473,8 @@ class ServiceRig:
     def __init__(self, settings: Any) -> None:
         import redis
 
+        from pipeline.client import JobClient
+        from pipeline.connect import job_queue
         from pipeline.keys import RedisKeys
         from workers.service import Service
         from workers.service_thread import ServiceThread
@@ -482,6 +484,7 @@ class ServiceRig:
         self.service = self.thread.service
         self.r = redis.Redis.from_url(self.service.redis_url)
         self.keys = RedisKeys(settings.redis.key_prefix)
+        self.client = JobClient(job_queue(settings, self.r, "bench-client"))  # what `streamvlm submit` uses
         tail = self.r.xrevrange(self.keys.all_results, count=1)
         self._last = tail[0][0] if tail else b"0-0"
 
@@ -498,9 +501,9 @@ class ServiceRig:
     def submit(self, job: dict[str, Any]) -> float:
         from pipeline.schemas import JobRequest
 
-        payload = JobRequest.model_validate(job).model_dump_json(exclude_none=True)
+        request = JobRequest.model_validate(job)
         started = time.perf_counter()
-        self.r.xadd(self.keys.jobs, {"job": payload})
+        self.client.submit(request)
         return started
 
     def read(self, block_ms: int = 500) -> list[Seen]:
@@ -516,8 +519,8 @@ class ServiceRig:
         return seen
 
     def state(self, job_id: str) -> tuple[str, str]:
-        state, error = self.r.hmget(self.keys.job(job_id), "state", "error")
-        return (state or b"").decode(), (error or b"").decode()
+        status = self.client.queue.status(job_id)
+        return ("", "") if status is None else (status.state.value, status.error or "")
 
     def check_alive(self, job_ids: list[str]) -> None:
         if not self.thread.alive():
@@ -528,7 +531,7 @@ class ServiceRig:
                 raise BenchError(f"job {job_id} failed: {error}")
 
     def cancel(self, job_id: str) -> None:
-        self.r.hset(self.keys.job(job_id), "cancel_requested", "1")  # what `streamvlm cancel` does
+        self.client.queue.cancel(job_id)  # what `streamvlm cancel` does
 
     def wait_final(self, job_ids: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
