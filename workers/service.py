@@ -83,7 +83,7 @@ class Service:
         self._held: list[Delivery] = []
         self._stopping = asyncio.Event()
         self._idle_clip_actors: asyncio.Queue | None = None
-        self._maybe_restarting: set[int] = set()  # id() of clip actors that died under a job since
+        self._maybe_restarting: set[int] = set()  # id() of clip actors that died under a job: probed before reuse
         self._llm_cycle: Any = None
         self.llm_workers: list[Any] = []
         self.clip_actors: list[Any] = []
