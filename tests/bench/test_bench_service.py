@@ -66,8 +66,9 @@ def test_quick_run_has_every_config_with_ratios_consistent_with_its_numbers(quic
             assert key in r, (r["config"], key)
         assert r["clips"] == report["plan"]["clips"]
         assert r["throughput_clips_per_min"] > 0
+        # the row keeps the ratio to 3 decimals: ±5e-4 on a small ratio is more than 0.2 % (CI saw 0.183 vs 0.18262)
         assert r["throughput_ratio_vs_A"] == pytest.approx(r["throughput_clips_per_min"] / a["throughput_clips_per_min"],
-                                                           rel=2e-3)
+                                                           rel=2e-3, abs=5e-4)
         # throughput is clips over the config's own wall time
         assert r["throughput_clips_per_min"] == pytest.approx(60 * r["clips"] / r["elapsed_s"], rel=1e-2)
         assert 0 < r["latency_p50_s"] <= r["latency_p95_s"]
