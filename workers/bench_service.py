@@ -10,9 +10,10 @@ Configurations, all on the same H.264 files (held-out synthetic clips, one quest
        preprocessing (``VideoQA.pixel_values``: the processor class needs torchvision, which this CPU torch
        lacks), and the prompt is built as pipeline/inference.py builds it (``USER: <video>×T·S_f …``).
     B  the service, pruning off (``"pruning": "off"``): batching and actor parallelism only.
-    C  the service, [CLS] pruning at 90% with the ``uniform`` temporal strategy (the best 90% row of
-       ``streamvlm eval`` on the demo model's 750 held-out questions: uniform 47.6%, redundancy 47.2%,
-       global 46.7%), kept tokens at their original positions (the service's default).
+    C  the service, [CLS] pruning at 90% with the ``redundancy`` temporal strategy (the best 90% row of
+       ``streamvlm eval --video h264``, the clips read as the service reads them, on the demo model's 750
+       held-out questions: redundancy 51.1%, uniform 49.6%; on rendered frames they tie, 50.7 / 50.8%),
+       kept tokens at their original positions (the service's default).
     D  C plus FastV K=2, R=50%.
 
 B, C and D run on ONE service (started once per run) and differ only in each job's own ``pruning`` field, which
@@ -106,7 +107,7 @@ class Plan:
     answer_tokens: int = 8  # answers are one word and </s>; eval uses 8 too
     caption_tokens: int = 32
     reduction: float = 0.9
-    strategy: str = "uniform"
+    strategy: str = "redundancy"
     fastv_k: int = 2
     fastv_ratio: float = 0.5
     baseline_threads: int = 1
