@@ -189,8 +189,12 @@ def kill_llm_worker(rig: FaultRig, clips: int = 5) -> Row:
     return _kill_mid_caption(rig, "kill-llm", clips, lambda job: rig.service.llm_workers[0])
 
 
-def kill_decode_actor(rig: FaultRig, clips: int = 5) -> Row:
-    """SIGKILL the clip (decode + prune) actor that serves a running caption job."""
+def kill_decode_actor(rig: FaultRig, clips: int = 8) -> Row:
+    """SIGKILL the clip (decode + prune) actor that serves a running caption job.
+
+    The kill lands after 2 windows are stored; the actor runs at most one clip ahead of the LLM and closes
+    the source with the last clip, so with too few clips it may already have cut them all and its death
+    would touch nothing: 8 clips leave it several to cut."""
     return _kill_mid_caption(rig, "kill-decode", clips, lambda job: rig.service.running[job].clip_actor)
 
 
@@ -462,7 +466,7 @@ def _s(value: Any) -> str:
 
 SIZES = {  # scenario → (full size, --quick size)
     "kill_llm_worker": ({"clips": 5}, {"clips": 4}),
-    "kill_decode_actor": ({"clips": 5}, {"clips": 4}),
+    "kill_decode_actor": ({"clips": 8}, {"clips": 8}),
     "poison_job": ({}, {}),
     "redis_outage": ({"down_s": 10.0}, {"down_s": 10.0}),
     "live_server_restart": ({}, {}),

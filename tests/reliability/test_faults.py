@@ -48,7 +48,7 @@ def test_sigkill_of_the_llm_worker(rig):
 
 
 def test_sigkill_of_a_jobs_decode_actor(rig):
-    row = rel.kill_decode_actor(rig, clips=4)
+    row = rel.kill_decode_actor(rig, clips=8)
     nothing_lost(row)
     assert row.detail["deliveries"] >= 2  # given back and resumed from its checkpoint
 
