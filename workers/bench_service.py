@@ -47,9 +47,10 @@ How it is measured:
                rest: Ray calls, the driver's loop, waiting for the closing frame) and CPU cores used per actor
                kind; the bottleneck is the stage with the largest mean, reported with the largest compute
                stage (decode, vision, LLM wait, LLM).
-    caveats    the demo model is tiny (4+4 layers, width 128), so fixed per-clip costs (decode, Ray, Redis)
-               weigh far more than on Video-LLaVA-7B; memory peaks differ little between B, C and D because
-               the same long-lived actors serve all three (the allocator keeps what a bigger request took).
+    caveats    the demo model is tiny (4+4 layers, widths 128 and 192), so fixed per-clip costs (decode,
+               Ray, Redis) weigh far more than on Video-LLaVA-7B; memory peaks differ little between B, C
+               and D because the same long-lived actors serve all three (the allocator keeps what a bigger
+               request took).
 
 Every output folder holds results.json, results.md and PNG plots, and states the machine and its load.
 """
@@ -78,6 +79,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.synthetic import VALIDATION_SEED
 from pipeline.synthetic import VIDEO_FPS as FPS
 from pipeline.synthetic import VIDEO_REPEAT as REPEAT
 
@@ -96,7 +98,7 @@ class BenchError(RuntimeError):
 # -- what runs ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    clips: int = 300
+    clips: int = 750  # the whole held-out set, as `streamvlm eval` scores it
     rounds: int = 4
     concurrency: int = 8
     max_active_jobs: int = 8
@@ -921,14 +923,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_media(media: Path, indices: list[int]) -> list[Sample]:
+def write_media(media: Path, indices: list[int], seed: int | None = None, prefix: str = "clip") -> list[Sample]:
+    """Held-out questions ``indices`` as H.264 files (``seed``: another question set drawn the same way)."""
     from pipeline.loopback import write_clip
-    from pipeline.synthetic import held_out_sample
+    from pipeline.synthetic import HELD_OUT_SEED, held_out_sample
 
     samples = []
     for i in indices:
-        sample = held_out_sample(i)
-        path = media / f"clip{i:04d}.mp4"
+        sample = held_out_sample(i, seed=HELD_OUT_SEED if seed is None else seed)
+        path = media / f"{prefix}{i:04d}.mp4"
         write_clip(path, sample.clip.frames)
         samples.append(Sample(i, str(path), sample.qa.question, sample.qa.answer))
     return samples
@@ -948,11 +951,10 @@ def run_bench(plan: Plan, settings: Any, log: Callable[[str], None] = lambda _m:
         workdir = Path(tmp)
         media = workdir / "media"
         media.mkdir()
-        warm_count = plan.concurrency
-        indices = list(range(plan.first_clip, plan.first_clip + plan.clips + warm_count))
-        all_samples = write_media(media, indices)
-        samples, warm = all_samples[:plan.clips], all_samples[plan.clips:]
-        log(f"wrote {len(all_samples)} H.264 clips; starting config A's process and the service")
+        # Warm-up clips come from the validation questions, so every held-out question can be measured.
+        samples = write_media(media, list(range(plan.first_clip, plan.first_clip + plan.clips)))
+        warm = write_media(media, list(range(plan.concurrency)), seed=VALIDATION_SEED, prefix="warm")
+        log(f"wrote {len(samples)} + {len(warm)} warm-up H.264 clips; starting config A's process and the service")
 
         baseline = BaselineProcess(model_path, settings.model.device, settings.model.dtype, plan.baseline_threads).start()
         ray_was_up = ray.is_initialized()
@@ -1361,10 +1363,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise BenchUsageError(f"--streams must be integers in 1..64, got {list(plan.streams)}")
     if plan.strategy not in TEMPORAL_STRATEGIES:
         raise BenchUsageError(f"--strategy must be one of {list(TEMPORAL_STRATEGIES)}, got {plan.strategy!r}")
-    warm = plan.concurrency
-    if plan.first_clip < 0 or plan.first_clip + plan.clips + warm > HELD_OUT_SIZE:
-        raise BenchUsageError(f"--first-clip + --clips + {warm} warm-up clips must fit the {HELD_OUT_SIZE} held-out "
-                              f"questions, got {plan.first_clip} + {plan.clips}")
+    if plan.first_clip < 0 or plan.first_clip + plan.clips > HELD_OUT_SIZE:
+        raise BenchUsageError(f"--first-clip + --clips must fit the {HELD_OUT_SIZE} held-out questions, "
+                              f"got {plan.first_clip} + {plan.clips}")
     return Plan(**{**plan.__dict__, "max_active_jobs": max(max(plan.streams), plan.concurrency)})
 
 
