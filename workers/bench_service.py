@@ -79,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.synthetic import VALIDATION_SEED
+from pipeline.synthetic import HELD_OUT_SEED, VALIDATION_SEED
 from pipeline.synthetic import VIDEO_FPS as FPS
 from pipeline.synthetic import VIDEO_REPEAT as REPEAT
 
@@ -923,14 +923,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_media(media: Path, indices: list[int], seed: int | None = None, prefix: str = "clip") -> list[Sample]:
-    """Held-out questions ``indices`` as H.264 files (``seed``: another question set drawn the same way)."""
+def write_media(media: Path, indices: list[int], seed: int = HELD_OUT_SEED, prefix: str = "clip") -> list[Sample]:
+    """Questions ``indices`` of the held-out set (or of another ``seed``'s set) as H.264 files."""
     from pipeline.loopback import write_clip
-    from pipeline.synthetic import HELD_OUT_SEED, held_out_sample
+    from pipeline.synthetic import held_out_sample
 
     samples = []
     for i in indices:
-        sample = held_out_sample(i, seed=HELD_OUT_SEED if seed is None else seed)
+        sample = held_out_sample(i, seed=seed)
         path = media / f"{prefix}{i:04d}.mp4"
         write_clip(path, sample.clip.frames)
         samples.append(Sample(i, str(path), sample.qa.question, sample.qa.answer))
