@@ -106,6 +106,18 @@ def as_served(clips_frames: list[np.ndarray], args) -> list[np.ndarray]:
 # ---------------------------------------------------------------- stage 1: vision tower
 
 
+def cls_features(tower, out, layer: int) -> torch.Tensor:
+    """(F, C) the [CLS] features the stage-1 objective reads.
+
+    layer -1 is CLIP's own ``pooler_output`` (last layer). Layer -2 puts the objective on the features
+    the projector actually reads (``vision_feature_layer=-2``): trained on the last layer, the tower bound
+    shapes to colours mostly in its last block, which the language model never sees (docs/demo_model.md).
+    """
+    if layer == -1:
+        return out.pooler_output
+    return tower.post_layernorm(out.hidden_states[-2][:, 0])  # (F, C)
+
+
 def pretrain_tower(model, args) -> dict:
     tower = model.model.video_tower
     num_labels = len(COLOURS) * len(SHAPES) + len(COLOURS) + len(SHAPES)
@@ -136,8 +148,8 @@ def pretrain_tower(model, args) -> dict:
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
             group["lr"] = lr
-        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss))
-        loss = F.binary_cross_entropy_with_logits(head(out.pooler_output), labels[idx])
+        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss) or args.cls_layer == -2)
+        loss = F.binary_cross_entropy_with_logits(head(cls_features(tower, out, args.cls_layer)), labels[idx])
         if args.patch_loss:
             patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
             target = patch_labels[idx]  # (B, P, 2)
@@ -154,7 +166,7 @@ def pretrain_tower(model, args) -> dict:
     tower.eval()
     with torch.no_grad():
         out = tower(x_all[:n_val], output_hidden_states=True)
-        logits = head(out.pooler_output)
+        logits = head(cls_features(tower, out, args.cls_layer))
         patches = out.hidden_states[-2][:, 1:]  # (F, P, C)
         target = patch_labels[:n_val]
         on_object = target[..., 0] > 0
@@ -448,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tower-clips", type=int, default=3000)
     ap.add_argument("--tower-batch", type=int, default=32)
     ap.add_argument("--tower-lr", type=float, default=1.5e-3)
+    ap.add_argument("--cls-layer", type=int, choices=(-1, -2), default=-1,
+                    help="the tower layer whose [CLS] the stage-1 objective reads (-2: the one the LLM reads)")
     ap.add_argument("--patch-loss", type=float, default=0.0,
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",

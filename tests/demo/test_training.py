@@ -61,3 +61,23 @@ def test_turn_mask_hides_other_turns_and_padding():
     assert allowed[4, :2].all() and not allowed[4, 2:4].any() and allowed[4, 4]  # prefix and itself
     assert not allowed[2, 3]  # causal inside a turn
     assert not allowed[:6, 6].any() and allowed[6, 6]  # padding is seen by nobody and sees itself
+
+
+def test_stage1_objective_on_layer_minus_2_reads_what_the_projector_reads():
+    train = _script()
+    torch.manual_seed(0)
+    shape = DemoModelShape(vision_width=32, vision_layers=3, vision_heads=2, text_width=32, text_layers=2,
+                           text_heads=2, text_ffn=64)
+    model = VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), shape))
+    tower = model.model.video_tower
+    size = model.config.vision_config.image_size
+    out = tower(torch.randn(3, 3, size, size), output_hidden_states=True)  # 3 frames
+
+    torch.testing.assert_close(train.cls_features(tower, out, -1), out.pooler_output)
+    feats = train.cls_features(tower, out, -2)  # (F, C)
+    read = out.hidden_states[model.config.vision_feature_layer][:, 0]  # what the projector gets for [CLS]
+    torch.testing.assert_close(feats, tower.post_layernorm(read))
+    (feats * torch.randn_like(feats)).sum().backward()  # a plain sum is constant under LayerNorm
+    # The gradient reaches layer −2's attention (the one [CLS] pruning scores) and skips the last block.
+    assert tower.encoder.layers[-2].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert tower.encoder.layers[-1].self_attn.q_proj.weight.grad is None
