@@ -1,0 +1,108 @@
+"""Linear probes: what a checkpoint's vision tower hands the language model, frame by frame.
+
+The language model reads the tower's layer −2 hidden states (``vision_feature_layer=-2``), one [CLS] and
+P patch tokens per frame. Two probes on those features, fitted on three quarters of the frames of unseen
+training-seed clips (rendered frames) and scored on the rest:
+
+- [CLS]: multi-label logistic regression, frames whose colour–shape pairs / colours / shapes are all right;
+- object patches: softmax regression, the shape and the colour of the object covering each patch.
+
+    python scripts/probe_tower.py pipeline/assets/demo_model /path/to/other/model
+
+Shapes: F frames, N = 1 + P tokens per frame, C vision width, L labels per frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import VideoLlavaForConditionalGeneration
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.demo_model import FRAME_MEAN, FRAME_STD  # noqa: E402
+from pipeline.synthetic import COLOURS, SHAPES, TRAIN_SEED, training_clip  # noqa: E402
+
+PROBE_SEED = TRAIN_SEED + 7  # clips no training run renders
+
+
+def standardise(x: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
+    return (x - fit.mean(0)) / (fit.std(0) + 1e-6)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) -> torch.nn.Linear:
+    probe = torch.nn.Linear(x.shape[1], y.shape[1] if multi_label else int(y.max()) + 1)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = probe(x)
+        loss = F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return probe
+
+
+@torch.no_grad()
+def layer_features(model, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """(F, N, C) the tower's layer −2 hidden states, the features the projector reads."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W)
+    x = (x - torch.tensor(FRAME_MEAN).view(1, 3, 1, 1)) / torch.tensor(FRAME_STD).view(1, 3, 1, 1)
+    tower = model.model.video_tower
+    layer = model.config.vision_feature_layer
+    return torch.cat([tower(x[i : i + batch], output_hidden_states=True).hidden_states[layer]
+                      for i in range(0, len(x), batch)])
+
+
+def probe(path: Path, clips: int, steps: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    scenes = [training_clip(i, seed=PROBE_SEED) for i in range(clips)]
+    frames = np.concatenate([s.frames for s in scenes])  # (F, H, W, 3)
+    labels = torch.from_numpy(np.concatenate([s.frame_labels() for s in scenes]))  # (F, L)
+    patch_labels = torch.from_numpy(np.concatenate([s.patch_labels() for s in scenes]))  # (F, P, 2)
+    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
+    hs = layer_features(model, frames)  # (F, N, C)
+    n_fit = len(frames) * 3 // 4
+
+    cls = standardise(hs[:, 0], hs[:n_fit, 0])  # (F, C)
+    head = fit_linear(cls[:n_fit], labels[:n_fit], multi_label=True, steps=steps)
+    with torch.no_grad():
+        right = (head(cls[n_fit:]) > 0) == (labels[n_fit:] > 0.5)  # (F_test, L)
+    pairs, colours_end = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
+    out = {
+        "cls_pairs_exact": right[:, :pairs].all(-1).float().mean().item(),
+        "cls_colours_exact": right[:, pairs:colours_end].all(-1).float().mean().item(),
+        "cls_shapes_exact": right[:, colours_end:].all(-1).float().mean().item(),
+    }
+
+    on_object = patch_labels[..., 0] > 0  # (F, P)
+    frame_of = torch.arange(len(frames)).unsqueeze(1).expand_as(on_object)[on_object]  # (K,)
+    fit_rows = frame_of < n_fit
+    patches = hs[:, 1:][on_object]  # (K, C) object patches only
+    patches = standardise(patches, patches[fit_rows])
+    for k, name in ((0, "patch_shape_accuracy"), (1, "patch_colour_accuracy")):
+        target = patch_labels[..., k][on_object]  # (K,)
+        head = fit_linear(patches[fit_rows], target[fit_rows], multi_label=False, steps=steps)
+        with torch.no_grad():
+            out[name] = (head(patches[~fit_rows]).argmax(-1) == target[~fit_rows]).float().mean().item()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", type=Path, nargs="+", help="checkpoint folders (save_pretrained)")
+    ap.add_argument("--clips", type=int, default=400, help="clips of 8 frames; 3/4 of the frames fit the probes")
+    ap.add_argument("--steps", type=int, default=400, help="full-batch Adam steps per probe")
+    args = ap.parse_args()
+    for path in args.models:
+        res = probe(path, args.clips, args.steps)
+        print(path, " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
