@@ -127,7 +127,12 @@ def pretrain_tower(model, args) -> dict:
     # with these heads at weight 1 the model fell apart under 90% [CLS] pruning (docs/demo_model.md).
     shape_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(SHAPES))
     colour_head = torch.nn.Linear(tower.config.hidden_size, 1 + len(COLOURS))
-    params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters()]
+    # A second multi-label head on layer −2's [CLS] beside --cls-layer -1's: the last layer keeps the
+    # sharp [CLS] attention it learns there, and layer −2 (what the LLM reads) is still asked to name
+    # the frame's contents.
+    second_head = torch.nn.Linear(tower.config.hidden_size, num_labels)
+    params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters(),
+              *second_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
     log(f"stage 1: rendering {args.tower_clips} clips")
     clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
@@ -148,8 +153,12 @@ def pretrain_tower(model, args) -> dict:
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
             group["lr"] = lr
-        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss) or args.cls_layer == -2)
+        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss or args.second_cls_loss)
+                    or args.cls_layer == -2)
         loss = F.binary_cross_entropy_with_logits(head(cls_features(tower, out, args.cls_layer)), labels[idx])
+        if args.second_cls_loss:
+            loss = loss + args.second_cls_loss * F.binary_cross_entropy_with_logits(
+                second_head(cls_features(tower, out, -2)), labels[idx])
         if args.patch_loss:
             patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
             target = patch_labels[idx]  # (B, P, 2)
@@ -173,6 +182,7 @@ def pretrain_tower(model, args) -> dict:
         patch_shape_acc = (shape_head(patches).argmax(-1) == target[..., 0])[on_object].float().mean().item()
         patch_colour_acc = (colour_head(patches).argmax(-1) == target[..., 1])[on_object].float().mean().item()
         right = (logits > 0) == (labels[:n_val] > 0.5)  # (F, L)
+        second_exact = ((second_head(cls_features(tower, out, -2)) > 0) == (labels[:n_val] > 0.5)).all(-1)
         pairs, colours = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
         exact = right[:, :pairs].all(-1).float().mean().item()
         colours_exact = right[:, pairs:colours].all(-1).float().mean().item()
@@ -193,6 +203,8 @@ def pretrain_tower(model, args) -> dict:
     }
     if args.patch_loss:  # the dense heads' own accuracy; untrained heads would report noise
         stats.update(object_patch_shape_accuracy=patch_shape_acc, object_patch_colour_accuracy=patch_colour_acc)
+    if args.second_cls_loss:
+        stats.update(layer_minus_2_cls_exact_match=second_exact.float().mean().item())
     log(f"stage 1 done: {json.dumps(stats)}")
     # Video-LLaVA has separate image and video towers; both get the same pretrained weights.
     model.model.image_tower.load_state_dict(tower.state_dict())
@@ -462,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tower-lr", type=float, default=1.5e-3)
     ap.add_argument("--cls-layer", type=int, choices=(-1, -2), default=-1,
                     help="the tower layer whose [CLS] the stage-1 objective reads (-2: the one the LLM reads)")
+    ap.add_argument("--second-cls-loss", type=float, default=0.0,
+                    help="weight of a second [CLS] head on layer -2 beside --cls-layer's (0: none, as shipped)")
     ap.add_argument("--patch-loss", type=float, default=0.0,
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",
