@@ -26,7 +26,7 @@ from transformers import VideoLlavaForConditionalGeneration
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.demo_model import FRAME_MEAN, FRAME_STD  # noqa: E402
+from pipeline.sources.preprocess import ClipPreprocessor  # noqa: E402
 from pipeline.synthetic import COLOURS, SHAPES, TRAIN_SEED, training_clip  # noqa: E402
 
 PROBE_SEED = TRAIN_SEED + 7  # clips no training run renders
@@ -49,10 +49,9 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) 
 
 
 @torch.no_grad()
-def layer_features(model, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
+def layer_features(model, path: Path, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
     """(F, N, C) the tower's layer −2 hidden states, the features the projector reads."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W)
-    x = (x - torch.tensor(FRAME_MEAN).view(1, 3, 1, 1)) / torch.tensor(FRAME_STD).view(1, 3, 1, 1)
+    x = ClipPreprocessor.from_pretrained(path)(frames)  # (F, 3, H, W), the checkpoint's own preprocessing
     tower = model.model.video_tower
     layer = model.config.vision_feature_layer
     return torch.cat([tower(x[i : i + batch], output_hidden_states=True).hidden_states[layer]
@@ -66,7 +65,7 @@ def probe(path: Path, clips: int, steps: int) -> dict[str, float]:
     labels = torch.from_numpy(np.concatenate([s.frame_labels() for s in scenes]))  # (F, L)
     patch_labels = torch.from_numpy(np.concatenate([s.patch_labels() for s in scenes]))  # (F, P, 2)
     model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
-    hs = layer_features(model, frames)  # (F, N, C)
+    hs = layer_features(model, path, frames)  # (F, N, C)
     n_fit = len(frames) * 3 // 4
 
     cls = standardise(hs[:, 0], hs[:n_fit, 0])  # (F, C)
