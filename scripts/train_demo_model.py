@@ -144,6 +144,7 @@ def pretrain_tower(model, args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     n_val = 512
     budget_s = args.tower_minutes * 60
+    reads_layer_minus_2 = bool(args.patch_loss or args.second_cls_loss) or args.cls_layer == -2
     t0 = time.time()
     step = 0
     tower.train()
@@ -153,8 +154,7 @@ def pretrain_tower(model, args) -> dict:
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
             group["lr"] = lr
-        out = tower(x_all[idx], output_hidden_states=bool(args.patch_loss or args.second_cls_loss)
-                    or args.cls_layer == -2)
+        out = tower(x_all[idx], output_hidden_states=reads_layer_minus_2)
         loss = F.binary_cross_entropy_with_logits(head(cls_features(tower, out, args.cls_layer)), labels[idx])
         if args.second_cls_loss:
             loss = loss + args.second_cls_loss * F.binary_cross_entropy_with_logits(
