@@ -7,15 +7,21 @@ training-seed clips (rendered frames) and scored on the rest:
 - [CLS]: multi-label logistic regression, frames whose colour–shape pairs / colours / shapes are all right;
 - object patches: softmax regression, the shape and the colour of the object covering each patch.
 
+Then what encoder pruning keeps, on the first ``--selection-clips`` held-out clips read through H.264 as the
+service reads them: for random, [CLS] uniform and [CLS] redundancy selection at 90 and 95% reduction, the
+share of kept patches that hold an object pixel and the share of (frame, visible object) pairs with at
+least one kept patch (objects covered).
+
     python scripts/probe_tower.py pipeline/assets/demo_model /path/to/other/model
 
-Shapes: F frames, N = 1 + P tokens per frame, C vision width, L labels per frame.
+Shapes: F frames, N = 1 + P tokens per frame, C vision width, L labels per frame, T frames per clip, K objects.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +32,12 @@ from transformers import VideoLlavaForConditionalGeneration
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.loopback import h264_round_trip  # noqa: E402
 from pipeline.sources.preprocess import ClipPreprocessor  # noqa: E402
-from pipeline.synthetic import COLOURS, SHAPES, TRAIN_SEED, training_clip  # noqa: E402
+from pipeline.synthetic import COLOURS, SHAPES, TRAIN_SEED, held_out_sample, training_clip  # noqa: E402
+from pruning.cls_scorer import ClsAttentionScorer  # noqa: E402
+from pruning.config import PruningConfig  # noqa: E402
+from pruning.temporal_budget import TemporalBudget  # noqa: E402
 
 PROBE_SEED = TRAIN_SEED + 7  # clips no training run renders
 
@@ -92,15 +102,50 @@ def probe(path: Path, clips: int, steps: int) -> dict[str, float]:
     return out
 
 
+SELECTIONS = (("random", "uniform"), ("cls", "uniform"), ("cls", "redundancy"))
+
+
+@torch.no_grad()
+def selection(path: Path, clips: int, reductions: tuple[float, ...] = (0.9, 0.95)) -> dict[str, float]:
+    """Share of kept patches on objects and of (frame, object) pairs covered, per selection and reduction."""
+    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
+    scorer = ClsAttentionScorer(model.model.video_tower, model.config.vision_feature_layer)
+    preprocess = ClipPreprocessor.from_pretrained(path)
+    random_scores = torch.Generator().manual_seed(0)
+    on_objects: dict[str, list[float]] = {}
+    covered: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for i in range(clips):
+            clip = held_out_sample(i).clip
+            out = scorer(preprocess(h264_round_trip(clip.frames, workdir)))  # features (T, 1+P, C)
+            present = torch.from_numpy(clip.object_pixel_counts() > 0)  # (T, P, K)
+            visible = present.any(1)  # (T, K) objects with a pixel in the frame
+            t, p = out.cls_scores.shape
+            for method, strategy in SELECTIONS:
+                scores = out.cls_scores if method == "cls" else torch.rand(t, p, generator=random_scores)  # (T, P)
+                for r in reductions:
+                    budget = PruningConfig(encoder_method=method, encoder_reduction=r).patch_budget(t, p)
+                    keep = TemporalBudget(strategy).keep_mask(scores, budget, out.features[:, 1:])  # (T, P)
+                    name = f"{method} {strategy} {round(r * 100)}%"
+                    on_objects.setdefault(name, []).append(present.any(-1)[keep].float().mean().item())
+                    hit = (present & keep.unsqueeze(-1)).any(1)  # (T, K) object with a kept patch
+                    covered.setdefault(name, []).append((hit[visible].sum() / visible.sum()).item())
+    return {f"{name}: on_objects": float(np.mean(on_objects[name])) for name in on_objects} | {
+        f"{name}: objects_covered": float(np.mean(covered[name])) for name in covered}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", type=Path, nargs="+", help="checkpoint folders (save_pretrained)")
     ap.add_argument("--clips", type=int, default=400, help="clips of 8 frames; 3/4 of the frames fit the probes")
     ap.add_argument("--steps", type=int, default=400, help="full-batch Adam steps per probe")
+    ap.add_argument("--selection-clips", type=int, default=150, help="held-out clips for the selection shares")
     args = ap.parse_args()
     for path in args.models:
         res = probe(path, args.clips, args.steps)
         print(path, " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+        for name, value in selection(path, args.selection_clips).items():
+            print(f"{path} {name}={value:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ class Clip:
         grid = self.masks.reshape(t, h // patch_size, patch_size, w // patch_size, patch_size)
         return grid.any(axis=(2, 4)).reshape(t, -1)
 
-    def patch_labels(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
-        """(T, P, 2) int64 per patch: 1 + shape index and 1 + colour index of the object with the most
-        pixels in it, 0 where no object pixel is; objects drawn later cover earlier ones, as in the frames."""
+    def object_pixel_counts(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(T, P, K) int64: pixels of object k drawn in each patch (raster order); objects drawn later
+        cover earlier ones, as in the frames, so an object hidden in a frame has no pixels there."""
         t, h, w = self.masks.shape
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
         owner = np.full((t, h, w), -1, dtype=np.int64)  # (T, H, W) index of the object drawn at a pixel
@@ -89,12 +89,18 @@ class Clip:
                 owner[f][_shape_mask(obj.shape, xx - cx, yy - cy, OBJECT_RADIUS)] = k
         gh, gw = h // patch_size, w // patch_size
         cells = owner.reshape(t, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4).reshape(t, gh * gw, -1)
-        counts = np.stack([(cells == k).sum(-1) for k in range(len(self.objects))], axis=-1)  # (T, P, K)
+        return np.stack([(cells == k).sum(-1) for k in range(len(self.objects))], axis=-1)  # (T, P, K)
+
+    def patch_labels(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(T, P, 2) int64 per patch: 1 + shape index and 1 + colour index of the object with the most
+        pixels in it, 0 where no object pixel is; objects drawn later cover earlier ones, as in the frames."""
+        counts = self.object_pixel_counts(patch_size)  # (T, P, K)
+        t, p = counts.shape[:2]
         best = counts.argmax(-1)  # (T, P)
         hit = counts.max(-1) > 0  # (T, P) some object pixel in the patch
         shape_ids = np.array([1 + SHAPES.index(o.shape) for o in self.objects])  # (K,)
         colour_ids = np.array([[1 + list(COLOURS).index(c) for c in o.colours] for o in self.objects])  # (K, T)
-        labels = np.zeros((t, gh * gw, 2), dtype=np.int64)
+        labels = np.zeros((t, p, 2), dtype=np.int64)
         labels[..., 0] = np.where(hit, shape_ids[best], 0)
         labels[..., 1] = np.where(hit, colour_ids[best, np.arange(t)[:, None]], 0)
         return labels

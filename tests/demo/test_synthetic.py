@@ -162,3 +162,15 @@ def test_patch_labels_name_the_object_in_each_patch():
         assert labels[t, centre, 0] == 1 + SHAPES.index(obj.shape)
         assert labels[t, centre, 1] == 1 + list(COLOURS).index(obj.colours[t])
     assert obj.colours[0] != obj.colours[7]  # the change event shows up in the colour labels
+
+
+def test_object_pixel_counts_place_each_object_in_its_own_patches():
+    clip = render_clip(np.random.default_rng(5), event="disappear", num_objects=3)
+    counts = clip.object_pixel_counts()  # (T, P, K)
+    assert counts.shape == (8, 64, 3)
+    assert ((counts.sum(-1) > 0) == clip.patch_mask()).all()  # some object's pixels exactly where the mask is
+    leaver = clip.objects[clip.event_object]
+    gone = np.flatnonzero(~leaver.visible)
+    assert len(gone) > 0 and (counts[gone, :, clip.event_object] == 0).all()  # no pixels once it has left
+    x, y = leaver.positions[0]
+    assert counts[0, int(y) // 8 * 8 + int(x) // 8, clip.event_object] > 0  # its centre's patch holds its pixels
