@@ -68,13 +68,12 @@ def layer_features(model, path: Path, frames: np.ndarray, batch: int = 256) -> t
                       for i in range(0, len(x), batch)])
 
 
-def probe(path: Path, clips: int, steps: int) -> dict[str, float]:
+def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     scenes = [training_clip(i, seed=PROBE_SEED) for i in range(clips)]
     frames = np.concatenate([s.frames for s in scenes])  # (F, H, W, 3)
     labels = torch.from_numpy(np.concatenate([s.frame_labels() for s in scenes]))  # (F, L)
     patch_labels = torch.from_numpy(np.concatenate([s.patch_labels() for s in scenes]))  # (F, P, 2)
-    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
     hs = layer_features(model, path, frames)  # (F, N, C)
     n_fit = len(frames) * 3 // 4
 
@@ -106,9 +105,8 @@ SELECTIONS = (("random", "uniform"), ("cls", "uniform"), ("cls", "redundancy"))
 
 
 @torch.no_grad()
-def selection(path: Path, clips: int, reductions: tuple[float, ...] = (0.9, 0.95)) -> dict[str, float]:
+def selection(model, path: Path, clips: int, reductions: tuple[float, ...] = (0.9, 0.95)) -> dict[str, float]:
     """Share of kept patches on objects and of (frame, object) pairs covered, per selection and reduction."""
-    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
     scorer = ClsAttentionScorer(model.model.video_tower, model.config.vision_feature_layer)
     preprocess = ClipPreprocessor.from_pretrained(path)
     random_scores = torch.Generator().manual_seed(0)
@@ -142,9 +140,10 @@ def main() -> None:
     ap.add_argument("--selection-clips", type=int, default=150, help="held-out clips for the selection shares")
     args = ap.parse_args()
     for path in args.models:
-        res = probe(path, args.clips, args.steps)
+        model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
+        res = probe(model, path, args.clips, args.steps)
         print(path, " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
-        for name, value in selection(path, args.selection_clips).items():
+        for name, value in selection(model, path, args.selection_clips).items():
             print(f"{path} {name}={value:.3f}", flush=True)
 
 
