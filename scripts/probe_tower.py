@@ -118,6 +118,7 @@ def selection(model, path: Path, clips: int, reductions: tuple[float, ...] = (0.
             out = scorer(preprocess(h264_round_trip(clip.frames, workdir)))  # features (T, 1+P, C)
             present = torch.from_numpy(clip.object_pixel_counts() > 0)  # (T, P, K)
             visible = present.any(1)  # (T, K) objects with a pixel in the frame
+            on_object = present.any(-1)  # (T, P) patches holding an object pixel
             t, p = out.cls_scores.shape
             for method, strategy in SELECTIONS:
                 scores = out.cls_scores if method == "cls" else torch.rand(t, p, generator=random_scores)  # (T, P)
@@ -125,7 +126,7 @@ def selection(model, path: Path, clips: int, reductions: tuple[float, ...] = (0.
                     budget = PruningConfig(encoder_method=method, encoder_reduction=r).patch_budget(t, p)
                     keep = TemporalBudget(strategy).keep_mask(scores, budget, out.features[:, 1:])  # (T, P)
                     name = f"{method} {strategy} {round(r * 100)}%"
-                    on_objects.setdefault(name, []).append(present.any(-1)[keep].float().mean().item())
+                    on_objects.setdefault(name, []).append(on_object[keep].float().mean().item())
                     hit = (present & keep.unsqueeze(-1)).any(1)  # (T, K) object with a kept patch
                     covered.setdefault(name, []).append((hit[visible].sum() / visible.sum()).item())
     return {f"{name}: on_objects": float(np.mean(on_objects[name])) for name in on_objects} | {
