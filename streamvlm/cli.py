@@ -213,9 +213,9 @@ def _config_show(args: argparse.Namespace, settings: Settings) -> int:
 BENCHMARKS = {
     "pruning": ("pipeline.bench.pruning", "prefill/TTFT/decode time of every pruning method beside its FLOPs ratio"),
     "decode": ("pipeline.bench.decode", "sampled decoding against decoding every frame, decord against PyAV"),
-    "service": ("workers.bench_service", "the service end to end against plain transformers generate: throughput, "
+    "service": ("workers.bench.service", "the service end to end against plain transformers generate: throughput, "
                 "latency, bytes, KV cache, memory, accuracy, live streams and scaling"),
-    "reliability": ("workers.bench_reliability", "worker, serve and Redis crashes, a live server restart, a poison "
+    "reliability": ("workers.bench.reliability", "worker, serve and Redis crashes, a live server restart, a poison "
                     "job, a burst and a long caption run: jobs lost, duplicates, recovery time, leaks"),
 }
 

@@ -20,17 +20,11 @@ from pipeline.loopback import write_video
 from pipeline.settings import load_settings
 from pipeline.synthetic import held_out_sample
 from pruning.config import PruningConfig
-from workers.bench_service import (
-    CONFIGS,
-    KVShape,
-    PlainGenerate,
-    Sample,
-    ShipProbe,
-    add_arguments,
-    kv_cache_bytes,
-    kv_tokens_per_layer,
-    run,
-)
+from workers.bench.baseline import PlainGenerate
+from workers.bench.plan import CONFIGS
+from workers.bench.probes import KVShape, ShipProbe, kv_cache_bytes, kv_tokens_per_layer
+from workers.bench.records import Sample
+from workers.bench.service import add_arguments, run
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 
-from workers import bench_reliability as rel
+from workers.bench import reliability as rel
 
 
 @pytest.fixture(scope="module")

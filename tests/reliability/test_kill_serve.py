@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers import bench_reliability as rel
+from workers.bench import reliability as rel
 
 
 @pytest.mark.slow
