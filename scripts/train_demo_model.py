@@ -353,6 +353,11 @@ def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> No
     tmp.rename(out_dir)
 
 
+def step_checkpoint(out_dir: Path, step: int) -> Path:
+    """Where ``--keep-every-eval`` saves the checkpoint evaluated at ``step``: beside ``out_dir``."""
+    return out_dir.with_name(f"{out_dir.name}-step{step:05d}")
+
+
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     enc = Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
     tower = model.model.video_tower
@@ -397,10 +402,14 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             history.append(res)
             log(f"EVAL step {step}: acc {res['accuracy']:.3f} " + " ".join(
                 f"{t}={res['by_type'].get(t, 0):.2f}" for t in EVAL_TYPES))
+            summary = {"args": {k: str(v) for k, v in vars(args).items() if k != "start_time"},
+                       "tower": tower_stats, "eval": res, "history": history}
+            if args.keep_every_eval:
+                # Robustness to pruning is not what validation picks on; keeping every checkpoint lets
+                # `streamvlm eval` measure it along the run.
+                save_checkpoint(model, tokenizer, shape, step_checkpoint(out_dir, step), summary)
             if res["accuracy"] > best:
                 best = res["accuracy"]
-                summary = {"args": {k: str(v) for k, v in vars(args).items() if k != "start_time"},
-                           "tower": tower_stats, "eval": res, "history": history}
                 save_checkpoint(model, tokenizer, shape, out_dir, summary)
                 log(f"saved best checkpoint (acc {best:.3f}) to {out_dir}")
             next_eval = elapsed + args.eval_every_s
@@ -490,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
     ap.add_argument("--eval-every-s", type=float, default=600.0)
+    ap.add_argument("--keep-every-eval", action="store_true",
+                    help="also save the checkpoint of every validation run as OUT-stepNNNNN (the best stays at OUT)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=demo_model_path())

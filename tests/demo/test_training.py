@@ -81,3 +81,29 @@ def test_stage1_objective_on_layer_minus_2_reads_what_the_projector_reads():
     # The gradient reaches layer −2's attention (the one [CLS] pruning scores) and skips the last block.
     assert tower.encoder.layers[-2].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert tower.encoder.layers[-1].self_attn.q_proj.weight.grad is None
+
+
+def test_keep_every_eval_saves_each_validated_checkpoint_beside_the_best(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    train = _script()
+    out = tmp_path / "model"
+    # Two stage-2 steps from the bundled checkpoint, validated before, between and after them.
+    assert train.main(["--init-from", str(demo_model_path()), "--out", str(out), "--video", "frames",
+                       "--clips", "4", "--eval-questions", "4", "--max-steps", "2", "--eval-every-s", "0",
+                       "--warmup", "1", "--keep-every-eval"]) == 0
+
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model-step"))
+    assert kept == ["model-step00000", "model-step00001", "model-step00002"]
+    summaries = [json.loads((tmp_path / k / "training_summary.json").read_text()) for k in kept]
+    assert [s["eval"]["step"] for s in summaries] == [0, 1, 2]
+    best = max(summaries, key=lambda s: s["eval"]["accuracy"])  # max() keeps the first of equals, as training does
+    assert json.loads((out / "training_summary.json").read_text())["eval"] == best["eval"]
+
+    name = "language_model.model.layers.0.mlp.down_proj.weight"
+    shipped, first, last = (load_file(p / "model.safetensors")[name]
+                            for p in (demo_model_path(), tmp_path / kept[0], tmp_path / kept[-1]))
+    torch.testing.assert_close(first, shipped)  # step 0: the weights it started from, saved before any update
+    assert not torch.equal(last, first)  # each folder is its own snapshot, not the final model saved thrice
