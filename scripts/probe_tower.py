@@ -7,6 +7,9 @@ training-seed clips (rendered frames) and scored on the rest:
 - [CLS]: multi-label logistic regression, frames whose colour–shape pairs / colours / shapes are all right;
 - object patches: softmax regression, the shape and the colour of the object covering each patch.
 
+Scales on the same frames: the mean norm of the layer −2 [CLS] and patch features, of the visual tokens the
+projector makes of them, and of the text token embeddings they sit beside in the language model's input.
+
 Then what encoder pruning keeps, on the first ``--selection-clips`` held-out clips read through H.264 as the
 service reads them: for random, [CLS] uniform and [CLS] redundancy selection at 90 and 95% reduction, the
 share of kept patches that hold an object pixel and the share of (frame, visible object) pairs with at
@@ -86,6 +89,14 @@ def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
         "cls_pairs_exact": right[:, :pairs].all(-1).float().mean().item(),
         "cls_colours_exact": right[:, pairs:colours_end].all(-1).float().mean().item(),
         "cls_shapes_exact": right[:, colours_end:].all(-1).float().mean().item(),
+    }
+    with torch.no_grad():
+        visual = model.model.multi_modal_projector(hs)  # (F, N, D) what the language model reads per frame
+    out |= {
+        "norm_cls_feature": hs[:, 0].norm(dim=-1).mean().item(),
+        "norm_patch_feature": hs[:, 1:].norm(dim=-1).mean().item(),
+        "norm_visual_token": visual.norm(dim=-1).mean().item(),
+        "norm_text_embedding": model.get_input_embeddings().weight.norm(dim=-1).mean().item(),
     }
 
     on_object = patch_labels[..., 0] > 0  # (F, P)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import numpy as np
+import pytest
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
@@ -107,3 +108,39 @@ def test_keep_every_eval_saves_each_validated_checkpoint_beside_the_best(tmp_pat
                             for p in (demo_model_path(), tmp_path / kept[0], tmp_path / kept[-1]))
     torch.testing.assert_close(first, shipped)  # step 0: the weights it started from, saved before any update
     assert not torch.equal(last, first)  # each folder is its own snapshot, not the final model saved thrice
+
+
+def test_tower_from_keeps_the_tower_and_trains_a_fresh_language_model_with_a_slower_projector(tmp_path):
+    train = _script()
+    out = tmp_path / "model"
+    assert train.main(["--tower-from", str(demo_model_path()), "--out", str(out), "--video", "frames",
+                       "--clips", "4", "--eval-questions", "4", "--max-steps", "2", "--eval-every-s", "0",
+                       "--warmup", "1", "--keep-every-eval", "--bf16", "--projector-lr-scale", "0.1"]) == 0
+
+    shipped, start, end = (VideoLlavaForConditionalGeneration.from_pretrained(p).state_dict()
+                           for p in (demo_model_path(), tmp_path / "model-step00000", tmp_path / "model-step00002"))
+    towers = [k for k in shipped if "tower" in k]
+    assert towers
+    for k in towers:  # the tower is the saved one and stays frozen
+        torch.testing.assert_close(start[k], shipped[k])
+        torch.testing.assert_close(end[k], shipped[k])
+
+    torch.manual_seed(0)  # the script's --seed: projector and LLM start where a run from scratch starts
+    fresh = VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), DemoModelShape())).state_dict()
+    lm = next(k for k in fresh if k.endswith("layers.0.mlp.down_proj.weight"))
+    proj = next(k for k in fresh if k.endswith("multi_modal_projector.linear_2.weight"))
+    for k in (lm, proj):
+        torch.testing.assert_close(start[k], fresh[k])
+        assert not torch.equal(start[k], shipped[k])
+
+    # Adam's first steps move every weight by about the learning rate, so the step size shows the scale.
+    def moved(k):
+        return (end[k] - start[k]).abs().max().item()
+
+    assert 0 < moved(proj) < 0.2 * moved(lm)
+
+
+def test_tower_from_and_init_from_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        _script().main(["--tower-from", str(demo_model_path()), "--init-from", str(demo_model_path())])
+    assert "not allowed with argument" in capsys.readouterr().err
