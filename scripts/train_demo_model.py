@@ -155,7 +155,7 @@ def pretrain_tower(model, args) -> dict:
         lr = args.tower_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(
             math.pi * min(1.0, (time.time() - t0) / budget_s))))
         for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr
         out = tower(x_all[idx], output_hidden_states=reads_layer_minus_2)
         loss = F.binary_cross_entropy_with_logits(head(cls_features(tower, out, args.cls_layer)), labels[idx])
         if args.second_cls_loss:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -144,3 +145,20 @@ def test_tower_from_and_init_from_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         _script().main(["--tower-from", str(demo_model_path()), "--init-from", str(demo_model_path())])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_run_from_scratch_trains_the_tower_then_the_language_model(tmp_path):
+    train = _script()
+    out = tmp_path / "model"
+    # 72 clips: stage 1 holds its first 512 frames (64 clips) back for its statistics and trains on the rest.
+    assert train.main(["--out", str(out), "--video", "frames", "--tower-minutes", "0.02", "--tower-clips", "72",
+                       "--clips", "4", "--eval-questions", "4", "--max-steps", "2", "--eval-every-s", "0",
+                       "--warmup", "1"]) == 0
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["tower"]["tower_steps"] >= 1 and "tower_from" not in summary["tower"]
+    torch.manual_seed(0)
+    fresh = VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), DemoModelShape())).state_dict()
+    trained = VideoLlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    tower = next(k for k in fresh if "video_tower" in k and k.endswith("layers.0.mlp.fc1.weight"))
+    assert not torch.equal(trained[tower], fresh[tower])  # stage 1 moved the tower from its seed-0 start
