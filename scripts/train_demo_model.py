@@ -382,11 +382,11 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     val_feats = cache_features(tower, as_served([s.clip.frames for s in val], args))
     log(f"cached {feats.shape} train + {val_feats.shape} validation features in {time.time() - t0:.0f}s")
 
-    trainable = [p for n, p in model.named_parameters() if "tower" not in n]
     projector = [p for n, p in model.named_parameters() if "multi_modal_projector" in n]
     rest = [p for n, p in model.named_parameters() if "tower" not in n and "multi_modal_projector" not in n]
+    trainable = rest + projector
     log(f"trainable parameters: {sum(p.numel() for p in trainable):,}")
-    # The projector reads the tower's raw layer −2 residual stream (token norms ~20–50, no layernorm),
+    # The projector reads the tower's raw layer −2 residual stream (token norms 35–49 here, no layernorm),
     # so one Adam step moves its output far more than it moves any other layer's; `lr_scale` slows it.
     opt = torch.optim.AdamW([{"params": rest, "lr_scale": 1.0},
                              {"params": projector, "lr_scale": args.projector_lr_scale}],
@@ -552,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from)
         towers = {k: v for k, v in saved.state_dict().items() if "tower" in k}
         missing, unexpected = model.load_state_dict(towers, strict=False)
-        assert not unexpected and all("tower" not in k for k in missing), "tower shapes must match"
+        if unexpected or any("tower" in k for k in missing):
+            raise SystemExit(f"{args.tower_from}: its vision tower does not fit this model's shape")
         summary = json.loads((args.tower_from / "training_summary.json").read_text())
         tower_stats = {**summary.get("tower", {}), "tower_from": str(args.tower_from)}
         log(f"vision tower from {args.tower_from}; projector and language model start from seed {args.seed}")
