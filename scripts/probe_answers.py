@@ -1,0 +1,151 @@
+"""What a checkpoint answers, unpruned, split by how many objects the clip holds.
+
+`streamvlm eval` gives one accuracy per question type. This splits each type by the clip's object count
+(with one object no binding is needed: the only shape in the clip is the answer to "what shape is the red
+object ?") and counts the answers given to each expected answer, so a type at chance can be told apart as
+"reads nothing" (one answer for everything), "reads the object but not the binding" (right on one-object
+clips only) or "guesses among the clip's objects".
+
+    python scripts/probe_answers.py pipeline/assets/demo_model [/path/to/other/model ...] --types shape,colour
+
+Questions go through ``pipeline.inference.VideoQA`` unpruned, as `streamvlm eval`'s ``none`` row does.
+
+``--attention`` adds where the language model looks (rendered frames only: the object masks come from the
+scene): for questions about one object, the last prompt token's attention in each layer (heads averaged)
+split into the asked object's patches, the other objects' patches, the frames' [CLS] tokens, background
+patches and text, next to the share of visual tokens the asked object covers. Retrieval keyed by the
+question's word shows as attention on the asked object well above its area.
+
+Shapes: B = 1 question, H heads, S prompt tokens, T frames, P patches per frame, K objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from transformers import VideoLlavaForConditionalGeneration  # noqa: E402
+
+from pipeline.demo_model import prompt  # noqa: E402
+from pipeline.eval import through_h264  # noqa: E402
+from pipeline.inference import VideoQA  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+from pipeline.sources.preprocess import ClipPreprocessor  # noqa: E402
+from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, held_out_set  # noqa: E402
+from pruning.config import PruningConfig  # noqa: E402
+
+
+def answers(model_path: Path, samples, batch_size: int) -> list[str]:
+    qa_model = VideoQA.load(model_path)
+    config = PruningConfig(encoder_method="none")
+    out: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        visuals = [qa_model.encode(s.clip.frames, config) for s in batch]
+        got = qa_model.answer(visuals, [s.qa.question for s in batch], config, max_new_tokens=8, temperature=0.0)
+        out.extend(a.text.strip() for a in got)
+    return out
+
+
+PARTS = ("asked object", "other objects", "[CLS]", "background", "text")
+
+
+@torch.no_grad()
+def attention_shares(model_path: Path, samples) -> dict[str, torch.Tensor]:
+    """Per question type, (L, len(PARTS) + 1): mean attention shares of the last prompt token, then the
+    asked object's share of the visual tokens."""
+    from transformers import AutoTokenizer
+
+    model = VideoLlavaForConditionalGeneration.from_pretrained(model_path, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    preprocess = ClipPreprocessor.from_pretrained(model_path)
+    video_id = model.config.video_token_index
+    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for sample in samples:
+        if sample.qa.subject is None:
+            continue
+        frames = sample.clip.frames  # (T, H, W, 3)
+        pixels = preprocess(frames).unsqueeze(0)  # (B, T, 3, h, w)
+        owner = torch.from_numpy(sample.clip.object_pixel_counts())  # (T, P, K)
+        t, p, _ = owner.shape
+        text = prompt(sample.qa.question).replace("<video>", "<video>" * (t * (p + 1)))
+        ids = tokenizer(text, return_tensors="pt").input_ids  # (B, S)
+        out = model(input_ids=ids, pixel_values_videos=pixels, output_attentions=True)
+        row = torch.stack(out.attentions)[:, :, :, -1, :].mean(2)  # (L, B, S) last token, heads averaged
+        visual = ids == video_id  # (B, S); each frame's span is its [CLS] then P patches in raster order
+        asked = owner[..., sample.qa.subject] > 0  # (T, P)
+        other = (owner.sum(-1) > 0) & ~asked  # (T, P)
+        cls = torch.zeros(t, p + 1, dtype=torch.bool)
+        cls[:, 0] = True
+        pad = torch.zeros(t, 1, dtype=torch.bool)
+        span = {name: torch.cat([pad, m], 1).reshape(-1) for name, m in (("asked", asked), ("other", other))}
+        span["cls"] = cls.reshape(-1)
+        span["background"] = ~(span["asked"] | span["other"] | span["cls"])
+        vis = row[:, visual]  # (L, T·(P+1))
+        shares = [vis[:, span[k]].sum(-1) for k in ("asked", "other", "cls", "background")]
+        shares.append(row[:, ~visual].sum(-1))  # (L,) text
+        area = torch.full_like(shares[0], span["asked"].float().mean().item())
+        sums[sample.qa.qtype].append(torch.stack([*shares, area], -1))  # (L, 6)
+    return {k: torch.stack(v).mean(0) for k, v in sums.items()}
+
+
+def report_attention(name: str, shares: dict[str, torch.Tensor]) -> None:
+    print(f"== {name}: last prompt token's attention by layer ({' / '.join(PARTS)}; asked object's area)")
+    for qtype, table in sorted(shares.items()):
+        for layer, values in enumerate(table.tolist()):
+            print(f"{qtype:10s} layer {layer}: " + " / ".join(f"{v:.3f}" for v in values))
+
+
+def report(name: str, samples, given: list[str]) -> None:
+    print(f"== {name}")
+    by_count: dict[tuple[str, int], list[bool]] = defaultdict(list)
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    for sample, answer in zip(samples, given, strict=True):
+        by_count[sample.qa.qtype, len(sample.clip.objects)].append(answer == sample.qa.answer)
+        confusion[sample.qa.qtype][(sample.qa.answer, answer)] += 1
+    for qtype in sorted({s.qa.qtype for s in samples}):
+        cells = [f"{n} objects: {100 * sum(v) / len(v):.1f}% of {len(v)}"
+                 for (t, n), v in sorted(by_count.items()) if t == qtype]
+        print(f"{qtype:10s} " + " | ".join(cells))
+        expected = sorted({a for a, _ in confusion[qtype]})
+        for want in expected:
+            row = {got: c for (a, got), c in confusion[qtype].items() if a == want}
+            print(f"  {want:>9s} -> " + ", ".join(f"{g} {c}" for g, c in sorted(row.items(), key=lambda x: -x[1])))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", type=Path, nargs="+")
+    ap.add_argument("--types", default="shape,colour", help=f"comma-separated, from {','.join(EVAL_TYPES)}")
+    ap.add_argument("--limit", type=int, default=HELD_OUT_SIZE)
+    ap.add_argument("--video", choices=("frames", "h264"), default="frames")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--attention", action="store_true", help="also measure the LM's attention (rendered frames)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+    types = [t for t in args.types.split(",") if t]
+    if unknown := set(types) - set(EVAL_TYPES):
+        ap.error(f"--types: unknown {sorted(unknown)}; choose from {EVAL_TYPES}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    samples = [s for s in held_out_set(args.limit) if s.qa.qtype in types]
+    if args.attention and args.video != "frames":
+        ap.error("--attention needs --video frames (object masks come from the rendered scene)")
+    if args.video == "h264":
+        samples = through_h264(samples, Settings())
+    for path in args.models:
+        report(str(path), samples, answers(path, samples, args.batch_size))
+        if args.attention:
+            report_attention(str(path), attention_shares(path, samples))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""scripts/probe_answers.py: its answers are `streamvlm eval`'s unpruned answers, its attention split is a
+partition of the last prompt token's attention."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from pipeline.demo_model import demo_model_path
+from pipeline.eval import RowSpec, evaluate
+from pipeline.inference import VideoQA
+from pipeline.synthetic import held_out_set
+
+SCRIPT = demo_model_path().parents[2] / "scripts" / "probe_answers.py"
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("probe_answers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _held_out():
+    return held_out_set()
+
+
+def _samples(qtype: str, n: int, objects: int | None = None):
+    pool = [s for s in _held_out() if s.qa.qtype == qtype]
+    if objects is not None:
+        pool = [s for s in pool if len(s.clip.objects) == objects]
+    return pool[:n]
+
+
+def test_answers_are_the_eval_none_rows_answers(probe):
+    samples = _samples("shape", 4) + _samples("colour", 4)
+    given = probe.answers(demo_model_path(), samples, batch_size=3)
+    (row,) = evaluate(VideoQA.load(demo_model_path()), samples, [RowSpec("none", None, 0.0, 0.0, 2)],
+                      batch_size=8, max_new_tokens=8)
+    assert [g == s.qa.answer for g, s in zip(given, samples, strict=True)] == row.correct
+    assert all(g for g in given)
+
+
+def test_attention_shares_partition_the_row_and_one_object_clips_have_no_other_object(probe):
+    one = _samples("shape", 2, objects=1)
+    many = _samples("colour", 2, objects=4)
+    shares = probe.attention_shares(demo_model_path(), one)["shape"]  # (L, 6)
+    assert shares.shape == (4, 6)
+    torch.testing.assert_close(shares[:, :5].sum(-1), torch.ones(4), atol=1e-4, rtol=0)
+    assert shares[:, 1].abs().max() == 0  # a one-object clip has no other object's patches
+    area = shares[0, 5].item()
+    assert 0 < area < 0.2  # a ~10 px object covers a few of 64 patches per frame
+    shares4 = probe.attention_shares(demo_model_path(), many)["colour"]
+    torch.testing.assert_close(shares4[:, :5].sum(-1), torch.ones(4), atol=1e-4, rtol=0)
+    assert shares4[:, 1].sum() > 0
