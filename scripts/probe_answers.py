@@ -16,7 +16,7 @@ split into the asked object's patches, the other objects' patches, the frames' [
 patches and text, next to the share of visual tokens the asked object covers. Retrieval keyed by the
 question's word shows as attention on the asked object well above its area.
 
-Shapes: B = 1 question, H heads, S prompt tokens, T frames, P patches per frame, K objects.
+Shapes: L layers, B = 1 question, H heads, S prompt tokens, T frames, P patches per frame, K objects.
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from transformers import VideoLlavaForConditionalGeneration  # noqa: E402
-
-from pipeline.demo_model import prompt  # noqa: E402
 from pipeline.eval import through_h264  # noqa: E402
 from pipeline.inference import VideoQA  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.sources.preprocess import ClipPreprocessor  # noqa: E402
 from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, held_out_set  # noqa: E402
 from pruning.config import PruningConfig  # noqa: E402
 
@@ -61,25 +57,22 @@ PARTS = ("asked object", "other objects", "[CLS]", "background", "text")
 def attention_shares(model_path: Path, samples) -> dict[str, torch.Tensor]:
     """Per question type, (L, len(PARTS) + 1): mean attention shares of the last prompt token, then the
     asked object's share of the visual tokens."""
-    from transformers import AutoTokenizer
-
-    model = VideoLlavaForConditionalGeneration.from_pretrained(model_path, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    preprocess = ClipPreprocessor.from_pretrained(model_path)
-    video_id = model.config.video_token_index
+    qa_model = VideoQA.load(model_path)
+    qa_model.model.set_attn_implementation("eager")  # attention weights need the eager kernel
+    untouched = PruningConfig(encoder_method="none")
     sums: dict[str, list[torch.Tensor]] = defaultdict(list)
     for sample in samples:
         if sample.qa.subject is None:
             continue
         frames = sample.clip.frames  # (T, H, W, 3)
-        pixels = preprocess(frames).unsqueeze(0)  # (B, T, 3, h, w)
         owner = torch.from_numpy(sample.clip.object_pixel_counts())  # (T, P, K)
         t, p, _ = owner.shape
-        text = prompt(sample.qa.question).replace("<video>", "<video>" * (t * (p + 1)))
-        ids = tokenizer(text, return_tensors="pt").input_ids  # (B, S)
-        out = model(input_ids=ids, pixel_values_videos=pixels, output_attentions=True)
+        # The prompt exactly as the service builds it, over every visual token.
+        ids, _ = qa_model.prompt_inputs([sample.qa.question], qa_model.encode(frames, untouched))  # (B, S)
+        out = qa_model.model(input_ids=ids, pixel_values_videos=qa_model.pixel_values(frames),
+                             output_attentions=True)
         row = torch.stack(out.attentions)[:, :, :, -1, :].mean(2)  # (L, B, S) last token, heads averaged
-        visual = ids == video_id  # (B, S); each frame's span is its [CLS] then P patches in raster order
+        visual = ids == qa_model.pruned.video_token_id  # (B, S); each frame's span is its [CLS] then P patches in raster order
         asked = owner[..., sample.qa.subject] > 0  # (T, P)
         other = (owner.sum(-1) > 0) & ~asked  # (T, P)
         cls = torch.zeros(t, p + 1, dtype=torch.bool)
