@@ -98,6 +98,7 @@ class RowSpec:
 @dataclass
 class RowResult:
     spec: RowSpec
+    answers: list[str] = field(default_factory=list)  # stripped answer text, per sample
     correct: list[bool] = field(default_factory=list)
     qtypes: list[str] = field(default_factory=list)
     chance: list[float] = field(default_factory=list)
@@ -218,7 +219,8 @@ def evaluate(qa_model, samples: list[Sample], rows: list[RowSpec], batch_size: i
                                           temperature=0.0)
                 res = results[row]
                 for sample, ans in zip(batch, answers, strict=True):
-                    res.correct.append(ans.text.strip() == sample.qa.answer)
+                    res.answers.append(ans.text.strip())
+                    res.correct.append(res.answers[-1] == sample.qa.answer)
                     res.qtypes.append(sample.qa.qtype)
                     res.chance.append(1.0 / len(answer_options(sample.qa)))
                     res.kept_tokens.append(int(ans.record["fastv_visual_kept"]))

@@ -8,7 +8,7 @@ clips only) or "guesses among the clip's objects".
 
     python scripts/probe_answers.py pipeline/assets/demo_model [/path/to/other/model ...] --types shape,colour
 
-Questions go through ``pipeline.inference.VideoQA`` unpruned, as `streamvlm eval`'s ``none`` row does.
+Answers are `streamvlm eval`'s ``none`` row (``pipeline.eval.evaluate``), each model loaded once.
 
 ``--attention`` adds where the language model looks (rendered frames only: the object masks come from the
 scene): for questions about one object, the last prompt token's attention in each layer (heads averaged)
@@ -31,33 +31,25 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.eval import through_h264  # noqa: E402
+from pipeline.eval import RowSpec, evaluate, through_h264  # noqa: E402
 from pipeline.inference import VideoQA  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, held_out_set  # noqa: E402
 from pruning.config import PruningConfig  # noqa: E402
 
 
-def answers(model_path: Path, samples, batch_size: int) -> list[str]:
-    qa_model = VideoQA.load(model_path)
-    config = PruningConfig(encoder_method="none")
-    out: list[str] = []
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
-        visuals = [qa_model.encode(s.clip.frames, config) for s in batch]
-        got = qa_model.answer(visuals, [s.qa.question for s in batch], config, max_new_tokens=8, temperature=0.0)
-        out.extend(a.text.strip() for a in got)
-    return out
+def answers(qa_model: VideoQA, samples, batch_size: int) -> list[str]:
+    (row,) = evaluate(qa_model, samples, [RowSpec("none", None, 0.0, 0.0, 2)], batch_size, max_new_tokens=8)
+    return row.answers
 
 
 PARTS = ("asked object", "other objects", "[CLS]", "background", "text")
 
 
 @torch.no_grad()
-def attention_shares(model_path: Path, samples) -> dict[str, torch.Tensor]:
+def attention_shares(qa_model: VideoQA, samples) -> dict[str, torch.Tensor]:
     """Per question type, (L, len(PARTS) + 1): mean attention shares of the last prompt token, then the
-    asked object's share of the visual tokens."""
-    qa_model = VideoQA.load(model_path)
+    asked object's share of the visual tokens. Switches ``qa_model`` to eager attention."""
     qa_model.model.set_attn_implementation("eager")  # attention weights need the eager kernel
     untouched = PruningConfig(encoder_method="none")
     sums: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -134,9 +126,10 @@ def main() -> int:
     if args.video == "h264":
         samples = through_h264(samples, Settings())
     for path in args.models:
-        report(str(path), samples, answers(path, samples, args.batch_size))
+        qa_model = VideoQA.load(path)
+        report(str(path), samples, answers(qa_model, samples, args.batch_size))
         if args.attention:
-            report_attention(str(path), attention_shares(path, samples))
+            report_attention(str(path), attention_shares(qa_model, samples))
     return 0
 
 

@@ -39,7 +39,7 @@ def _samples(qtype: str, n: int, objects: int | None = None):
 
 def test_answers_are_the_eval_none_rows_answers(probe):
     samples = _samples("shape", 4) + _samples("colour", 4)
-    given = probe.answers(demo_model_path(), samples, batch_size=3)
+    given = probe.answers(VideoQA.load(demo_model_path()), samples, batch_size=3)
     (row,) = evaluate(VideoQA.load(demo_model_path()), samples, [RowSpec("none", None, 0.0, 0.0, 2)],
                       batch_size=8, max_new_tokens=8)
     assert [g == s.qa.answer for g, s in zip(given, samples, strict=True)] == row.correct
@@ -49,12 +49,12 @@ def test_answers_are_the_eval_none_rows_answers(probe):
 def test_attention_shares_partition_the_row_and_one_object_clips_have_no_other_object(probe):
     one = _samples("shape", 2, objects=1)
     many = _samples("colour", 2, objects=4)
-    shares = probe.attention_shares(demo_model_path(), one)["shape"]  # (L, 6)
+    shares = probe.attention_shares(VideoQA.load(demo_model_path()), one)["shape"]  # (L, 6)
     assert shares.shape == (4, 6)
     torch.testing.assert_close(shares[:, :5].sum(-1), torch.ones(4), atol=1e-4, rtol=0)
     assert shares[:, 1].abs().max() == 0  # a one-object clip has no other object's patches
     area = shares[0, 5].item()
     assert 0 < area < 0.2  # a ~10 px object covers a few of 64 patches per frame
-    shares4 = probe.attention_shares(demo_model_path(), many)["colour"]
+    shares4 = probe.attention_shares(VideoQA.load(demo_model_path()), many)["colour"]
     torch.testing.assert_close(shares4[:, :5].sum(-1), torch.ones(4), atol=1e-4, rtol=0)
     assert shares4[:, 1].sum() > 0
