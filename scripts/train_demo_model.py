@@ -120,6 +120,22 @@ def cls_features(tower, out, layer: int) -> torch.Tensor:
     return tower.post_layernorm(out.hidden_states[-2][:, 0])  # (F, C)
 
 
+def patch_column_probe(patches: torch.Tensor, on_object: np.ndarray) -> float:
+    """How well layer −2's object patch tokens say where they are: a least-squares linear probe fit on the
+    first half of (F, P, C) ``patches``' object patches, the share of the second half's columns it gets
+    right (chance 1/G). The language model reads an object's place, which direction needs, from these."""
+    f, p, c = patches.shape
+    grid = math.isqrt(p)
+    m = torch.from_numpy(on_object).reshape(-1)  # (F·P,)
+    x = patches.reshape(f * p, c)[m].double()  # (K, C) object patch tokens
+    column = (torch.arange(p).repeat(f) % grid)[m]  # (K,)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    half = len(x) // 2
+    y = F.one_hot(column[:half], grid).double()
+    w = torch.linalg.solve(x[:half].T @ x[:half] + 1e-2 * torch.eye(c + 1, dtype=x.dtype), x[:half].T @ y)
+    return ((x[half:] @ w).argmax(-1) == column[half:]).double().mean().item()
+
+
 def pretrain_tower(model, args) -> dict:
     tower = model.model.video_tower
     num_labels = len(COLOURS) * len(SHAPES) + len(COLOURS) + len(SHAPES)
@@ -133,13 +149,19 @@ def pretrain_tower(model, args) -> dict:
     # sharp [CLS] attention it learns there, and layer −2 (what the LLM reads) is still asked to name
     # the frame's contents.
     second_head = torch.nn.Linear(tower.config.hidden_size, num_labels)
+    # Where each colour and shape is (patch column and row of its centre), read from the same [CLS] as
+    # `head`. Without it layer −2's patch tokens lose their place (a linear probe finds an object patch's
+    # column 18% of the time, chance 12.5%), and direction needs the place (docs/demo_model.md).
+    num_place = (len(COLOURS) + len(SHAPES)) * 2 * (tower.config.image_size // tower.config.patch_size)
+    place_head = torch.nn.Linear(tower.config.hidden_size, num_place)
     params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters(),
-              *second_head.parameters()]
+              *second_head.parameters(), *place_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
     log(f"stage 1: rendering {args.tower_clips} clips")
     clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
     frames = np.concatenate(as_served([c.frames for c in clips], args))  # (F, H, W, 3)
     labels = torch.from_numpy(np.concatenate([c.frame_labels() for c in clips]))  # (F, L)
+    place_labels = torch.from_numpy(np.concatenate([c.frame_place_labels() for c in clips]))  # (F, (C + S)·2G)
     masks = np.concatenate([c.patch_mask() for c in clips])  # (F, P)
     patch_labels = torch.from_numpy(np.concatenate([c.patch_labels() for c in clips]))  # (F, P, 2)
     x_all = pixels(frames)
@@ -157,7 +179,10 @@ def pretrain_tower(model, args) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         out = tower(x_all[idx], output_hidden_states=reads_layer_minus_2)
-        loss = F.binary_cross_entropy_with_logits(head(cls_features(tower, out, args.cls_layer)), labels[idx])
+        cls = cls_features(tower, out, args.cls_layer)  # (B, C)
+        loss = F.binary_cross_entropy_with_logits(head(cls), labels[idx])
+        if args.place_loss:
+            loss = loss + args.place_loss * F.binary_cross_entropy_with_logits(place_head(cls), place_labels[idx])
         if args.second_cls_loss:
             loss = loss + args.second_cls_loss * F.binary_cross_entropy_with_logits(
                 second_head(cls_features(tower, out, -2)), labels[idx])
@@ -177,7 +202,10 @@ def pretrain_tower(model, args) -> dict:
     tower.eval()
     with torch.no_grad():
         out = tower(x_all[:n_val], output_hidden_states=True)
-        logits = head(cls_features(tower, out, args.cls_layer))
+        cls = cls_features(tower, out, args.cls_layer)  # (F, C)
+        logits = head(cls)
+        place_exact = ((place_head(cls) > 0) == (place_labels[:n_val] > 0.5)).all(-1).float().mean().item()
+        column_probe = patch_column_probe(out.hidden_states[-2][:, 1:], masks[:n_val])
         patches = out.hidden_states[-2][:, 1:]  # (F, P, C)
         target = patch_labels[:n_val]
         on_object = target[..., 0] > 0
@@ -202,7 +230,10 @@ def pretrain_tower(model, args) -> dict:
         "cls_attention_share_on_objects": share.mean().item(),
         "object_patch_fraction": m.float().mean().item(),
         "top4_patches_on_objects": top4_hit,
+        "object_patch_column_probe": column_probe,
     }
+    if args.place_loss:
+        stats.update(frame_place_exact_match=place_exact)
     if args.patch_loss:  # the dense heads' own accuracy; untrained heads would report noise
         stats.update(object_patch_shape_accuracy=patch_shape_acc, object_patch_colour_accuracy=patch_colour_acc)
     if args.second_cls_loss:
@@ -497,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the tower layer whose [CLS] the stage-1 objective reads (-2: the one the LLM reads)")
     ap.add_argument("--second-cls-loss", type=float, default=0.0,
                     help="weight of a second [CLS] head on layer -2 beside --cls-layer's (0: none, as shipped)")
+    ap.add_argument("--place-loss", type=float, default=0.0,
+                    help="weight of a stage-1 head on the same [CLS] naming each colour's and shape's patch column and row")
     ap.add_argument("--patch-loss", type=float, default=0.0,
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",

@@ -117,6 +117,23 @@ class Clip:
                 labels[t, [c * ns + s, nc * ns + c, nc * ns + nc + s]] = 1.0
         return labels
 
+    def frame_place_labels(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(T, (C + S) · 2 · G) float multi-hot per frame, G = W / patch_size: for every colour, then every
+        shape, shown in the frame, the patch column and the patch row under its centre (block of colour or
+        shape a: columns at a·2G + column, rows at a·2G + G + row). Where each object is, which the frame
+        labels above do not say."""
+        nc, ns = len(COLOURS), len(SHAPES)
+        grid = self.frames.shape[2] // patch_size
+        labels = np.zeros((len(self.frames), (nc + ns) * 2 * grid), dtype=np.float32)
+        colour_ids = {c: i for i, c in enumerate(COLOURS)}
+        for obj in self.objects:
+            s = SHAPES.index(obj.shape)
+            for t in np.flatnonzero(obj.visible):
+                col, row = (np.clip(obj.positions[t], 0, self.frames.shape[2] - 1) // patch_size).astype(int)
+                for a in (colour_ids[obj.colours[t]], nc + s):
+                    labels[t, [a * 2 * grid + col, a * 2 * grid + grid + row]] = 1.0
+        return labels
+
 
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle":

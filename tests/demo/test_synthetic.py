@@ -150,6 +150,22 @@ def test_frame_labels_name_what_each_frame_shows():
     assert (labels[:, :24].sum(1) == visible).all()
 
 
+def test_frame_place_labels_put_each_colour_and_shape_under_its_centre():
+    clip = render_clip(np.random.default_rng(13), event="disappear", num_objects=3)
+    labels = clip.frame_place_labels()  # (T, (6 + 4) · 2 · 8)
+    assert labels.shape == (8, 10 * 16)
+    obj = clip.objects[clip.event_object]
+    x, y = obj.positions[0]
+    colour = list(COLOURS).index(obj.colour)
+    assert labels[0, colour * 16 + int(x) // 8] == 1 and labels[0, colour * 16 + 8 + int(y) // 8] == 1
+    shape = 6 + SHAPES.index(obj.shape)
+    assert labels[0, shape * 16 : shape * 16 + 16].sum() == 2
+    # Gone after it disappears; every shown object sets one column and one row for its colour and its shape.
+    assert labels[clip.event_frame :, shape * 16 : shape * 16 + 16].sum() == 0
+    visible = np.stack([o.visible for o in clip.objects]).sum(0)  # (T,)
+    assert (labels.sum(1) == 4 * visible).all()
+
+
 def test_patch_labels_name_the_object_in_each_patch():
     clip = render_clip(np.random.default_rng(12), event="change", num_objects=2)
     labels = clip.patch_labels()  # (T, P, 2)

@@ -153,12 +153,26 @@ def test_a_run_from_scratch_trains_the_tower_then_the_language_model(tmp_path):
     # 72 clips: stage 1 holds its first 512 frames (64 clips) back for its statistics and trains on the rest.
     assert train.main(["--out", str(out), "--video", "frames", "--tower-minutes", "0.02", "--tower-clips", "72",
                        "--clips", "4", "--eval-questions", "4", "--max-steps", "2", "--eval-every-s", "0",
-                       "--warmup", "1"]) == 0
+                       "--warmup", "1", "--place-loss", "1"]) == 0
 
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["tower"]["tower_steps"] >= 1 and "tower_from" not in summary["tower"]
+    assert 0 <= summary["tower"]["frame_place_exact_match"] <= 1
+    assert 0 <= summary["tower"]["object_patch_column_probe"] <= 1
     torch.manual_seed(0)
     fresh = VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), DemoModelShape())).state_dict()
     trained = VideoLlavaForConditionalGeneration.from_pretrained(out).state_dict()
     tower = next(k for k in fresh if "video_tower" in k and k.endswith("layers.0.mlp.fc1.weight"))
     assert not torch.equal(trained[tower], fresh[tower])  # stage 1 moved the tower from its seed-0 start
+
+
+def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_they_lack():
+    train = _script()
+    g = torch.Generator().manual_seed(0)
+    frames, patches, width = 40, 64, 16
+    on_object = torch.rand(frames, patches, generator=g) < 0.3  # (F, P)
+    noise = torch.randn(frames, patches, width, generator=g)  # (F, P, C)
+    placed = noise.clone()
+    placed[..., :8] += 4 * torch.nn.functional.one_hot(torch.arange(patches) % 8, 8)  # column written in
+    assert train.patch_column_probe(placed, on_object.numpy()) > 0.95
+    assert train.patch_column_probe(noise, on_object.numpy()) < 0.3  # chance is 1/8
