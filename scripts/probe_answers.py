@@ -8,6 +8,10 @@ clips only) or "guesses among the clip's objects".
 
     python scripts/probe_answers.py pipeline/assets/demo_model [/path/to/other/model ...] --types shape,colour
 
+``--training-clips N`` asks the first question of each type about each of the first N training clips instead
+(types may then include the training-only ``position``): a type at chance there too was never learnt, one
+right there and at chance held out was memorised.
+
 Answers are `streamvlm eval`'s ``none`` row (``pipeline.eval.evaluate``), each model loaded once.
 
 ``--attention`` adds where the language model looks (rendered frames only: the object masks come from the
@@ -26,6 +30,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,13 +39,26 @@ sys.path.insert(0, str(REPO))
 from pipeline.eval import RowSpec, evaluate, through_h264  # noqa: E402
 from pipeline.inference import VideoQA  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, held_out_set  # noqa: E402
+from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, TRAIN_TYPES, Sample, held_out_set, training_clip  # noqa: E402
+from pipeline.synthetic.language import questions_of_type  # noqa: E402
 from pruning.config import PruningConfig  # noqa: E402
 
 
 def answers(qa_model: VideoQA, samples, batch_size: int) -> list[str]:
     (row,) = evaluate(qa_model, samples, [RowSpec("none", None, 0.0, 0.0, 2)], batch_size, max_new_tokens=8)
     return row.answers
+
+
+def training_samples(clips: int, types: list[str]) -> list[Sample]:
+    """The first question (drawn with the clip index as seed) of each of ``types`` about training clips
+    0 .. clips − 1, where the clip has one."""
+    out = []
+    for i in range(clips):
+        clip = training_clip(i)
+        for qtype in types:
+            if pool := questions_of_type(clip, qtype, np.random.default_rng(i)):
+                out.append(Sample(clip=clip, qa=pool[0], index=i))
+    return out
 
 
 PARTS = ("asked object", "other objects", "[CLS]", "background", "text")
@@ -108,7 +126,9 @@ def report(name: str, samples, given: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", type=Path, nargs="+")
-    ap.add_argument("--types", default="shape,colour", help=f"comma-separated, from {','.join(EVAL_TYPES)}")
+    ap.add_argument("--types", default="shape,colour", help=f"comma-separated, from {','.join(TRAIN_TYPES)}")
+    ap.add_argument("--training-clips", type=int, default=0,
+                    help="ask about the first N training clips instead of the held-out set")
     ap.add_argument("--limit", type=int, default=HELD_OUT_SIZE)
     ap.add_argument("--video", choices=("frames", "h264"), default="frames")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -116,11 +136,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
     types = [t for t in args.types.split(",") if t]
-    if unknown := set(types) - set(EVAL_TYPES):
-        ap.error(f"--types: unknown {sorted(unknown)}; choose from {EVAL_TYPES}")
+    allowed = TRAIN_TYPES if args.training_clips else EVAL_TYPES
+    if unknown := set(types) - set(allowed):
+        ap.error(f"--types: unknown {sorted(unknown)}; choose from {allowed}")
+    if args.training_clips < 0:
+        ap.error("--training-clips must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    samples = [s for s in held_out_set(args.limit) if s.qa.qtype in types]
+    if args.training_clips:
+        samples = training_samples(args.training_clips, types)
+    else:
+        samples = [s for s in held_out_set(args.limit) if s.qa.qtype in types]
     if args.attention and args.video != "frames":
         ap.error("--attention needs --video frames (object masks come from the rendered scene)")
     if args.video == "h264":

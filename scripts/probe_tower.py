@@ -5,7 +5,10 @@ P patch tokens per frame. Two probes on those features, fitted on three quarters
 training-seed clips (rendered frames) and scored on the rest:
 
 - [CLS]: multi-label logistic regression, frames whose colour–shape pairs / colours / shapes are all right;
-- object patches: softmax regression, the shape and the colour of the object covering each patch.
+- object patches: softmax regression, the shape and the colour of the object covering each patch, and the
+  patch's own column and row in the frame's grid (where the object is: what direction questions need; the
+  tower's position embeddings put it in every token, and the layers above may wash it out);
+- [CLS] again: whether each frame's objects are in its left or right half (multi-label over colours).
 
 Scales on the same frames: the mean norm of the layer −2 [CLS] and patch features, of the visual tokens the
 projector makes of them, and of the text token embeddings they sit beside in the language model's input.
@@ -23,6 +26,7 @@ Shapes: F frames, N = 1 + P tokens per frame, C vision width, L labels per frame
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +75,16 @@ def layer_features(model, path: Path, frames: np.ndarray, batch: int = 256) -> t
                       for i in range(0, len(x), batch)])
 
 
+def left_half_labels(clip) -> np.ndarray:
+    """(T, 2·colours) multi-hot: colour c shown in the left half (2c) or the right half (2c + 1)."""
+    labels = np.zeros((len(clip.frames), 2 * len(COLOURS)), dtype=np.float32)
+    width = clip.frames.shape[2]
+    for obj in clip.objects:
+        for t in np.flatnonzero(obj.visible):
+            labels[t, 2 * list(COLOURS).index(obj.colours[t]) + int(obj.positions[t][0] >= width / 2)] = 1.0
+    return labels
+
+
 def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     scenes = [training_clip(i, seed=PROBE_SEED) for i in range(clips)]
@@ -85,7 +99,12 @@ def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
     with torch.no_grad():
         right = (head(cls[n_fit:]) > 0) == (labels[n_fit:] > 0.5)  # (F_test, L)
     pairs, colours_end = len(COLOURS) * len(SHAPES), len(COLOURS) * len(SHAPES) + len(COLOURS)
+    halves = torch.from_numpy(np.concatenate([left_half_labels(s) for s in scenes]))  # (F, 2·colours)
+    half_head = fit_linear(cls[:n_fit], halves[:n_fit], multi_label=True, steps=steps)
+    with torch.no_grad():
+        half_right = ((half_head(cls[n_fit:]) > 0) == (halves[n_fit:] > 0.5)).all(-1)  # (F_test,)
     out = {
+        "cls_halves_exact": half_right.float().mean().item(),
         "cls_pairs_exact": right[:, :pairs].all(-1).float().mean().item(),
         "cls_colours_exact": right[:, pairs:colours_end].all(-1).float().mean().item(),
         "cls_shapes_exact": right[:, colours_end:].all(-1).float().mean().item(),
@@ -104,8 +123,12 @@ def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
     fit_rows = frame_of < n_fit
     patches = hs[:, 1:][on_object]  # (K, C) object patches only
     patches = standardise(patches, patches[fit_rows])
-    for k, name in ((0, "patch_shape_accuracy"), (1, "patch_colour_accuracy")):
-        target = patch_labels[..., k][on_object]  # (K,)
+    grid = math.isqrt(on_object.shape[1])
+    index = torch.arange(on_object.shape[1]).expand_as(on_object)  # (F, P) raster index
+    targets = {"patch_shape_accuracy": patch_labels[..., 0][on_object], "patch_colour_accuracy":
+               patch_labels[..., 1][on_object], "patch_column_accuracy": (index % grid)[on_object],
+               "patch_row_accuracy": (index // grid)[on_object]}  # each (K,)
+    for name, target in targets.items():
         head = fit_linear(patches[fit_rows], target[fit_rows], multi_label=False, steps=steps)
         with torch.no_grad():
             out[name] = (head(patches[~fit_rows]).argmax(-1) == target[~fit_rows]).float().mean().item()

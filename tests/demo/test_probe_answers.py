@@ -58,3 +58,11 @@ def test_attention_shares_partition_the_row_and_one_object_clips_have_no_other_o
     shares4 = probe.attention_shares(VideoQA.load(demo_model_path()), many)["colour"]
     torch.testing.assert_close(shares4[:, :5].sum(-1), torch.ones(4), atol=1e-4, rtol=0)
     assert shares4[:, 1].sum() > 0
+
+
+def test_training_samples_ask_the_first_question_of_each_type_including_position(probe):
+    samples = probe.training_samples(3, ["position", "count"])
+    assert [s.index for s in samples] == [0, 0, 1, 1, 2, 2]
+    assert [s.qa.qtype for s in samples] == ["position", "count"] * 3
+    assert all(s.qa.answer in ("left", "right", "up", "down") for s in samples if s.qa.qtype == "position")
+    assert samples[1].qa.answer == ("zero", "one", "two", "three", "four")[len(samples[1].clip.objects)]
