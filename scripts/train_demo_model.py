@@ -154,8 +154,12 @@ def pretrain_tower(model, args) -> dict:
     # column 18% of the time, chance 12.5%), and direction needs the place (docs/demo_model.md).
     num_place = (len(COLOURS) + len(SHAPES)) * 2 * (tower.config.image_size // tower.config.patch_size)
     place_head = torch.nn.Linear(tower.config.hidden_size, num_place)
+    # Each layer −2 patch token names its own column and row: the place its position embedding gave it,
+    # which the [CLS] objectives alone let the layers wash out of the tokens the projector reads.
+    grid = tower.config.image_size // tower.config.patch_size
+    patch_place_head = torch.nn.Linear(tower.config.hidden_size, 2 * grid)
     params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters(),
-              *second_head.parameters(), *place_head.parameters()]
+              *second_head.parameters(), *place_head.parameters(), *patch_place_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.tower_lr, weight_decay=0.01)
     log(f"stage 1: rendering {args.tower_clips} clips")
     clips = [training_clip(i, seed=TRAIN_SEED + 1) for i in range(args.tower_clips)]
@@ -168,7 +172,8 @@ def pretrain_tower(model, args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     n_val = 512
     budget_s = args.tower_minutes * 60
-    reads_layer_minus_2 = bool(args.patch_loss or args.second_cls_loss) or args.cls_layer == -2
+    reads_layer_minus_2 = bool(args.patch_loss or args.second_cls_loss or args.patch_place_loss) or args.cls_layer == -2
+    patch_index = torch.arange(grid * grid)  # (P,) raster order
     t0 = time.time()
     step = 0
     tower.train()
@@ -186,6 +191,12 @@ def pretrain_tower(model, args) -> dict:
         if args.second_cls_loss:
             loss = loss + args.second_cls_loss * F.binary_cross_entropy_with_logits(
                 second_head(cls_features(tower, out, -2)), labels[idx])
+        if args.patch_place_loss:
+            place = patch_place_head(out.hidden_states[-2][:, 1:]).flatten(0, 1)  # (B·P, 2G)
+            b = len(idx)
+            loss = loss + args.patch_place_loss * (
+                F.cross_entropy(place[:, :grid], (patch_index % grid).repeat(b))
+                + F.cross_entropy(place[:, grid:], (patch_index // grid).repeat(b)))
         if args.patch_loss:
             patches = out.hidden_states[-2][:, 1:]  # (B, P, C) layer −2 patch tokens
             target = patch_labels[idx]  # (B, P, 2)
@@ -530,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of a second [CLS] head on layer -2 beside --cls-layer's (0: none, as shipped)")
     ap.add_argument("--place-loss", type=float, default=0.0,
                     help="weight of a stage-1 head on the same [CLS] naming each colour's and shape's patch column and row")
+    ap.add_argument("--patch-place-loss", type=float, default=0.0,
+                    help="weight of a stage-1 head on every layer −2 patch token naming its own column and row")
     ap.add_argument("--patch-loss", type=float, default=0.0,
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",
