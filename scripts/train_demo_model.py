@@ -61,6 +61,7 @@ from pipeline.synthetic import (  # noqa: E402
     NUM_FRAMES,
     SHAPES,
     TRAIN_SEED,
+    TRAIN_TYPES,
     VALIDATION_SEED,
     held_out_set,
     training_clip,
@@ -434,6 +435,12 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
                              {"params": projector, "lr_scale": args.projector_lr_scale}],
                             lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = np.random.default_rng(args.seed)
+    # --first-minutes: clips holding one object, where no question needs binding a word to one of several
+    # objects, so a type can only be learnt by reading what the object's tokens carry.
+    first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) == 1])
+    first_types = tuple(t for t in args.first_types.split(",") if t)
+    if args.first_minutes and not len(first_pool):
+        raise SystemExit("--first-minutes: no one-object clip among the cached training clips")
     budget_s = args.minutes * 60 - (time.time() - args.start_time)
     t_start = time.time()
     best = -1.0
@@ -469,9 +476,14 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        idx = rng.integers(0, len(clips), size=args.batch)
-        ids, labels, position_ids, segments = collate(
-            [enc.conversation(training_conversation(clips[i], rng, args.turns)) for i in idx], enc.pad)
+        if elapsed < args.first_minutes * 60:  # the first stage: one-object clips, --first-types only
+            idx = first_pool[rng.integers(0, len(first_pool), size=args.batch)]
+            convs = [training_conversation(clips[i], rng, args.turns, caption_share=0.0, types=first_types)
+                     for i in idx]
+        else:
+            idx = rng.integers(0, len(clips), size=args.batch)
+            convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
+        ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
         target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
         pos = (target != -100).nonzero()  # (K, 2)
         # bf16 matmuls (avx512_bf16 here) with fp32 weights, optimizer state and loss: ~1.4x the steps.
@@ -557,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="stage-2 forward/backward under bf16 autocast (weights stay fp32; validation runs fp32)")
     ap.add_argument("--projector-lr-scale", type=float, default=0.1,
                     help="the projector's learning rate as a fraction of --lr")
+    ap.add_argument("--first-minutes", type=float, default=0.0,
+                    help="train the first M minutes of stage 2 on one-object clips and --first-types only")
+    ap.add_argument("--first-types", default="position,shape,direction,colour",
+                    help="comma-separated question types of the --first-minutes stage")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -576,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="only measure the saved checkpoint at --out on --eval-questions held-out questions")
     args = ap.parse_args(argv)
+    if not (first := [t for t in args.first_types.split(",") if t]) or set(first) - set(TRAIN_TYPES):
+        ap.error(f"--first-types: a comma-separated subset of {','.join(TRAIN_TYPES)}, got {args.first_types!r}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

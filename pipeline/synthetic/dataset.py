@@ -34,11 +34,14 @@ def training_clip(index: int, seed: int = TRAIN_SEED) -> Clip:
 
 
 def training_conversation(clip: Clip, rng: np.random.Generator, max_turns: int = 6,
-                          caption_share: float = 0.25) -> list[QA]:
-    """Up to ``max_turns`` distinct questions about one clip, spread over the question types."""
+                          caption_share: float = 0.25, types: tuple[str, ...] = TRAIN_TYPES) -> list[QA]:
+    """Up to ``max_turns`` distinct questions about one clip, spread over ``types``."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    pools = {t: questions_of_type(clip, t, rng) for t in TRAIN_TYPES}
+    if not types or set(types) - set(TRAIN_TYPES):
+        raise ValueError(f"types must be a non-empty subset of {TRAIN_TYPES}, got {types!r}")
+    # Drawn for every type, asked or not, so that the default draws exactly what it always drew.
+    pools = {t: questions_of_type(clip, t, rng) if t in types else [] for t in TRAIN_TYPES}
     turns: list[QA] = []
     # Objects whose colour or shape was already asked. Training isolates turns now (a turn mask), so the
     # pair no longer leaks; the rule stays so the shipped checkpoint's data is reproducible from its seed.

@@ -15,6 +15,7 @@ from pipeline.synthetic import (
     NO_EVENT,
     SHAPES,
     TRAIN_SEED,
+    TRAIN_TYPES,
     VALIDATION_SEED,
     caption,
     held_out_sample,
@@ -190,3 +191,13 @@ def test_object_pixel_counts_place_each_object_in_its_own_patches():
     assert len(gone) > 0 and (counts[gone, :, clip.event_object] == 0).all()  # no pixels once it has left
     x, y = leaver.positions[0]
     assert counts[0, int(y) // 8 * 8 + int(x) // 8, clip.event_object] > 0  # its centre's patch holds its pixels
+
+
+def test_training_conversation_asks_only_the_given_types_and_defaults_to_what_it_always_drew():
+    clip = training_clip(3)
+    default = training_conversation(clip, np.random.default_rng(0), 10)
+    assert default == training_conversation(clip, np.random.default_rng(0), 10, types=TRAIN_TYPES)
+    only = training_conversation(clip, np.random.default_rng(0), 10, caption_share=0.0, types=("position", "count"))
+    assert only and {qa.qtype for qa in only} <= {"position", "count"}
+    with pytest.raises(ValueError, match="types"):
+        training_conversation(clip, np.random.default_rng(0), 10, types=("weather",))

@@ -176,3 +176,10 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     placed[..., :8] += 4 * torch.nn.functional.one_hot(torch.arange(patches) % 8, 8)  # column written in
     assert train.patch_column_probe(placed, on_object.numpy()) > 0.95
     assert train.patch_column_probe(noise, on_object.numpy()) < 0.3  # chance is 1/8
+
+
+def test_first_types_must_be_training_question_types(capsys):
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--first-types", "position,weather"])
+    assert "--first-types" in capsys.readouterr().err
