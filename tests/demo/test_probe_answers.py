@@ -4,7 +4,6 @@ partition of the last prompt token's attention."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -14,15 +13,10 @@ from pipeline.eval import RowSpec, evaluate
 from pipeline.inference import VideoQA
 from pipeline.synthetic import held_out_set
 
-SCRIPT = demo_model_path().parents[2] / "scripts" / "probe_answers.py"
-
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("probe_answers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(load_script):
+    return load_script("probe_answers")
 
 
 @functools.cache

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from transformers import VideoLlavaForConditionalGeneration
@@ -11,15 +9,10 @@ from transformers import VideoLlavaForConditionalGeneration
 from pipeline.demo_model import demo_model_path
 from pipeline.synthetic import COLOURS, render_clip
 
-SCRIPT = demo_model_path().parents[2] / "scripts" / "probe_tower.py"
-
 
 @pytest.fixture(scope="module")
-def probe_tower():
-    spec = importlib.util.spec_from_file_location("probe_tower", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe_tower(load_script):
+    return load_script("probe_tower")
 
 
 def test_left_half_labels_follow_each_colour_across_the_middle(probe_tower):
