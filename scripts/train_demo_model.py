@@ -150,14 +150,12 @@ def pretrain_tower(model, args) -> dict:
     # sharp [CLS] attention it learns there, and layer −2 (what the LLM reads) is still asked to name
     # the frame's contents.
     second_head = torch.nn.Linear(tower.config.hidden_size, num_labels)
-    # Where each colour and shape is (patch column and row of its centre), read from the same [CLS] as
-    # `head`. Without it layer −2's patch tokens lose their place (a linear probe finds an object patch's
-    # column 18% of the time, chance 12.5%), and direction needs the place (docs/demo_model.md).
-    num_place = (len(COLOURS) + len(SHAPES)) * 2 * (tower.config.image_size // tower.config.patch_size)
-    place_head = torch.nn.Linear(tower.config.hidden_size, num_place)
-    # Each layer −2 patch token names its own column and row: the place its position embedding gave it,
-    # which the [CLS] objectives alone let the layers wash out of the tokens the projector reads.
     grid = tower.config.image_size // tower.config.patch_size
+    # Where each colour and shape is (patch column and row of its centre), read from the same [CLS] as
+    # `head`: direction needs the place, which layer −2's object patches lose under the [CLS] objectives
+    # (column probe 0.2, chance 0.125). Alone this head did not bring it back (docs/demo_model.md).
+    place_head = torch.nn.Linear(tower.config.hidden_size, (len(COLOURS) + len(SHAPES)) * 2 * grid)
+    # Each layer −2 patch token names its own column and row: the place its position embedding gave it.
     patch_place_head = torch.nn.Linear(tower.config.hidden_size, 2 * grid)
     params = [*tower.parameters(), *head.parameters(), *shape_head.parameters(), *colour_head.parameters(),
               *second_head.parameters(), *place_head.parameters(), *patch_place_head.parameters()]
