@@ -21,6 +21,7 @@ Shapes: B conversations, S sequence length, V video tokens per clip, C vision wi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -54,11 +55,15 @@ def clips(seed: int, count: int, objects: int) -> list[Clip]:
     return [render_clip(np.random.default_rng([seed, i]), event="none", num_objects=objects) for i in range(count)]
 
 
-def fresh_model(path: Path, seed: int) -> VideoLlavaForConditionalGeneration:
-    """The checkpoint's towers, frozen, under a projector and language model initialised from ``seed``."""
+def fresh_model(path: Path, seed: int, rope_theta: float | None = None) -> VideoLlavaForConditionalGeneration:
+    """The checkpoint's towers, frozen, under a projector and language model initialised from ``seed``
+    (with ``rope_theta`` as the language model's rotary base when given)."""
     saved = VideoLlavaForConditionalGeneration.from_pretrained(path)
+    config = copy.deepcopy(saved.config)
+    if rope_theta is not None:
+        config.text_config.rope_parameters["rope_theta"] = rope_theta
     torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(saved.config)
+    model = VideoLlavaForConditionalGeneration(config)
     model.load_state_dict({k: v for k, v in saved.state_dict().items() if "tower" in k}, strict=False)
     for name, p in model.named_parameters():
         p.requires_grad_("tower" not in name)
@@ -97,9 +102,9 @@ def score(model, enc: stage2.Encoder, feats: torch.Tensor, asked: list[tuple[int
 
 def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips: int, eval_clips: int,
           batch: int, lr: float, projector_lr_scale: float, eval_every: int, video: str, seed: int,
-          log=print) -> list[dict]:
+          rope_theta: float | None = None, log=print) -> list[dict]:
     """Train a fresh language model on ``path``'s tower for ``steps`` steps; the scores along the way."""
-    model = fresh_model(path, seed)
+    model = fresh_model(path, seed, rope_theta)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tower = model.model.video_tower
     t0 = time.time()
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--video", choices=("h264", "frames"), default="h264")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rope-theta", type=float, default=None,
+                    help="the language model's rotary base (default: the checkpoint's)")
     ap.add_argument("--json", type=Path, default=None, help="write the history here")
     args = ap.parse_args(argv)
     types = [t for t in args.types.split(",") if t]
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     history = probe(args.model, types, args.objects, steps=args.steps, train_clips=args.train_clips,
                     eval_clips=args.eval_clips, batch=args.batch, lr=args.lr,
                     projector_lr_scale=args.projector_lr_scale, eval_every=args.eval_every, video=args.video,
-                    seed=args.seed)
+                    seed=args.seed, rope_theta=args.rope_theta)
     if args.json is not None:
         args.json.write_text(json.dumps(history, indent=2))
     return 0

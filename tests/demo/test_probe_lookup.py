@@ -36,6 +36,10 @@ def test_fresh_model_keeps_the_frozen_tower_and_starts_the_language_model_from_i
     assert not torch.equal(state_a[lm], saved[lm])
     assert torch.equal(state_a[lm], state_b[lm]) and not torch.equal(state_a[lm], state_c[lm])
     assert all(p.requires_grad == ("tower" not in n) for n, p in a.named_parameters())
+    wide = lookup.fresh_model(demo_model_path(), seed=0, rope_theta=1e6)
+    slowest = wide.model.language_model.rotary_emb.inv_freq[-1]  # the rotary base sets the slowest frequency
+    assert slowest < a.model.language_model.rotary_emb.inv_freq[-1] / 10
+    assert torch.equal(wide.state_dict()[lm], state_a[lm])  # same weights from the same seed
 
 
 def test_a_short_probe_learns_colour_on_one_object_clips_from_the_shipped_tower(lookup):
