@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,24 +73,13 @@ def questions(clip: Clip, types: list[str], rng: np.random.Generator) -> list[QA
     return [qa for t in types for qa in questions_of_type(clip, t, rng)]
 
 
-@torch.no_grad()
-def score(model, enc: stage2.Encoder, feats: torch.Tensor, asked: list[tuple[int, QA]], tokenizer,
-          batch: int = 32) -> dict:
-    """Greedy first answer token of each (clip index, question), single-turn prompt, all visual tokens."""
-    model.eval()
+def score(model, enc: stage2.Encoder, feats: torch.Tensor, asked: list[tuple[int, QA]], tokenizer) -> dict:
+    """Per type: accuracy of the greedy first answer token to each (clip index, question), and how spread
+    the answers are (a type at chance with one answer for everything reads nothing)."""
+    pred = stage2.first_answer_tokens(model, enc, feats[[c for c, _ in asked]], [qa.question for _, qa in asked], 32)
     given: dict[str, list[tuple[str, str]]] = defaultdict(list)  # type -> (answer, expected)
-    for i in range(0, len(asked), batch):
-        chunk = asked[i : i + batch]
-        seqs = [enc.first_prompt(qa.question) for _, qa in chunk]
-        ids = torch.full((len(seqs), max(map(len, seqs))), enc.pad, dtype=torch.long)  # (B, S) right-padded
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-        x = stage2.embed(model, ids, feats[[c for c, _ in chunk]], enc.video_id)  # (B, S, D)
-        last = torch.tensor([[r, len(s) - 1] for r, s in enumerate(seqs)])  # (B, 2)
-        pred = stage2.lm_logits(model, x, None, last).argmax(-1)  # (B,)
-        for (_, qa), p in zip(chunk, pred.tolist(), strict=True):
-            given[qa.qtype].append((tokenizer.decode([p]).strip(), qa.answer))
-    model.train()
+    for (_, qa), p in zip(asked, pred, strict=True):
+        given[qa.qtype].append((tokenizer.decode([p]).strip(), qa.answer))
     out = {}
     for qtype, pairs in given.items():
         counts = Counter(a for a, _ in pairs)
@@ -134,13 +122,7 @@ def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips
             group["lr"] = lr * min(1.0, step / 50) * group["lr_scale"]
         idx = rng.integers(0, len(train), size=batch)  # (B,)
         convs = [[pools[i][int(rng.integers(len(pools[i])))]] for i in idx]
-        ids, labels, position_ids, segments = stage2.collate([enc.conversation(c) for c in convs], enc.pad)
-        target = labels[:, 1:]
-        at = (target != -100).nonzero()  # (K, 2): the answer tokens and their end of turn
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x = stage2.embed(model, ids, feats[torch.from_numpy(idx)], enc.video_id)  # (B, S, D)
-            logits = stage2.lm_logits(model, x, stage2.turn_mask(segments, x.dtype), at, position_ids)  # (K, vocab)
-        loss = F.cross_entropy(logits.float(), target[at[:, 0], at[:, 1]])
+        loss, _, _ = stage2.answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], bf16=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -362,23 +362,30 @@ def lm_logits(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor |
 
 
 @torch.no_grad()
-def evaluate(model, enc: Encoder, feats: torch.Tensor, samples, batch: int = 16) -> dict:
-    """Greedy first answer token vs the one-word answer, single-turn prompt, all visual tokens."""
+def first_answer_tokens(model, enc: Encoder, feats: torch.Tensor, questions: list[str], batch: int = 16) -> list[int]:
+    """Greedy first answer token to each question about the clip of the same row of ``feats`` (N, V, C):
+    Video-LLaVA's single-turn prompt on all visual tokens."""
+    was_training = model.training
     model.eval()
-    hits: dict[str, list[int]] = defaultdict(list)
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        seqs = [enc.first_prompt(s.qa.question) for s in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), enc.pad, dtype=torch.long)
+    out: list[int] = []
+    for i in range(0, len(questions), batch):
+        seqs = [enc.first_prompt(q) for q in questions[i : i + batch]]
+        ids = torch.full((len(seqs), max(map(len, seqs))), enc.pad, dtype=torch.long)  # (B, S)
         for r, s in enumerate(seqs):  # right padding: causal attention keeps real tokens exact
             ids[r, : len(s)] = torch.tensor(s)
-        x = embed(model, ids, feats[i : i + len(chunk)], enc.video_id)
-        pos = torch.tensor([[r, len(s) - 1] for r, s in enumerate(seqs)])  # (B, 2) last prompt token
-        pred = lm_logits(model, x, None, pos).argmax(-1)
-        for s, p in zip(chunk, pred.tolist(), strict=True):
-            hits[s.qa.qtype].append(int(p == enc._ids(s.qa.answer, False)[0]))
-    model.train()
+        x = embed(model, ids, feats[i : i + len(seqs)], enc.video_id)  # (B, S, D)
+        last = torch.tensor([[r, len(s) - 1] for r, s in enumerate(seqs)])  # (B, 2) last prompt token
+        out += lm_logits(model, x, None, last).argmax(-1).tolist()
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, enc: Encoder, feats: torch.Tensor, samples, batch: int = 16) -> dict:
+    """Greedy first answer token vs the one-word answer, single-turn prompt, all visual tokens."""
+    hits: dict[str, list[int]] = defaultdict(list)
+    pred = first_answer_tokens(model, enc, feats, [s.qa.question for s in samples], batch)
+    for s, p in zip(samples, pred, strict=True):
+        hits[s.qa.qtype].append(int(p == enc._ids(s.qa.answer, False)[0]))
     by_type = {t: float(np.mean(v)) for t, v in hits.items()}
     overall = float(np.mean([h for v in hits.values() for h in v]))
     return {"accuracy": overall, "by_type": by_type, "n": len(samples)}
@@ -399,6 +406,20 @@ def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> No
 def step_checkpoint(out_dir: Path, step: int) -> Path:
     """Where ``--keep-every-eval`` saves the checkpoint evaluated at ``step``: beside ``out_dir``."""
     return out_dir.with_name(f"{out_dir.name}-step{step:05d}")
+
+
+def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int, float]:
+    """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
+    ``feats`` (B, V, C); the padded sequence length S and the mean norm of the visual tokens, for the log."""
+    ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
+    target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
+    pos = (target != -100).nonzero()  # (K, 2)
+    # bf16 matmuls (avx512_bf16 here) with fp32 weights, optimizer state and loss: ~1.4x the steps.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x = embed(model, ids, feats, enc.video_id)  # (B, S, D)
+        logits = lm_logits(model, x, turn_mask(segments, x.dtype), pos, position_ids)  # (K, vocab)
+    loss = F.cross_entropy(logits.float(), target[pos[:, 0], pos[:, 1]])
+    return loss, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item()
 
 
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
@@ -481,15 +502,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         else:
             idx = rng.integers(0, len(clips), size=args.batch)
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
-        ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
-        target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
-        pos = (target != -100).nonzero()  # (K, 2)
-        # bf16 matmuls (avx512_bf16 here) with fp32 weights, optimizer state and loss: ~1.4x the steps.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            x = embed(model, ids, feats[torch.from_numpy(idx)], enc.video_id)  # (B, S, D)
-            logits = lm_logits(model, x, turn_mask(segments, x.dtype), pos, position_ids)  # (K, vocab)
-        tgt = target[pos[:, 0], pos[:, 1]]
-        loss = F.cross_entropy(logits.float(), tgt)
+        loss, seq, visual_norm = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -497,8 +510,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         step += 1
         run_loss += loss.item()
         if step % args.log_every == 0:
-            visual_norm = x[ids == enc.video_id].norm(dim=-1).mean().item()
-            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {ids.shape[1]} "
+            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {seq} "
                 f"visual-token norm {visual_norm:.1f} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
             run_loss = 0.0
