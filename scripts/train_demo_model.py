@@ -454,12 +454,14 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
                              {"params": projector, "lr_scale": args.projector_lr_scale}],
                             lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = np.random.default_rng(args.seed)
-    # --first-minutes: clips holding one object, where no question needs binding a word to one of several
-    # objects, so a type can only be learnt by reading what the object's tokens carry.
-    first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) == 1])
+    # --first-minutes: clips of --first-objects objects. With one object no question needs binding a word to
+    # one of several objects, so a type can only be learnt by reading what the object's tokens carry; with
+    # two to four, shape and colour questions teach that binding before the full mix's other types crowd it.
+    first_objects = {int(n) for n in args.first_objects.split(",")}
+    first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) in first_objects])
     first_types = tuple(t for t in args.first_types.split(",") if t)
     if args.first_minutes and not len(first_pool):
-        raise SystemExit("--first-minutes: no one-object clip among the cached training clips")
+        raise SystemExit(f"--first-minutes: no clip of {args.first_objects} objects among the cached training clips")
     budget_s = args.minutes * 60 - (time.time() - args.start_time)
     t_start = time.time()
     best = -1.0
@@ -495,7 +497,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        if elapsed < args.first_minutes * 60:  # the first stage: one-object clips, --first-types only
+        if elapsed < args.first_minutes * 60:  # the first stage: --first-objects clips, --first-types only
             idx = first_pool[rng.integers(0, len(first_pool), size=args.batch)]
             convs = [training_conversation(clips[i], rng, args.turns, caption_share=0.0, types=first_types)
                      for i in idx]
@@ -580,7 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--projector-lr-scale", type=float, default=0.1,
                     help="the projector's learning rate as a fraction of --lr")
     ap.add_argument("--first-minutes", type=float, default=0.0,
-                    help="train the first M minutes of stage 2 on one-object clips and --first-types only")
+                    help="train the first M minutes of stage 2 on --first-objects clips and --first-types only")
+    ap.add_argument("--first-objects", default="1",
+                    help="comma-separated object counts of the clips the --first-minutes stage trains on")
     ap.add_argument("--first-types", default="position,shape,direction,colour",
                     help="comma-separated question types of the --first-minutes stage")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
@@ -604,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (first := [t for t in args.first_types.split(",") if t]) or set(first) - set(TRAIN_TYPES):
         ap.error(f"--first-types: a comma-separated subset of {','.join(TRAIN_TYPES)}, got {args.first_types!r}")
+    try:
+        if not (counts := [int(n) for n in args.first_objects.split(",")]) or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--first-objects: comma-separated object counts of at least 1, got {args.first_objects!r}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

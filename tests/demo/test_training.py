@@ -153,7 +153,8 @@ def test_a_run_from_scratch_trains_the_tower_then_the_language_model(tmp_path):
     # 72 clips: stage 1 holds its first 512 frames (64 clips) back for its statistics and trains on the rest.
     assert train.main(["--out", str(out), "--video", "frames", "--tower-minutes", "0.02", "--tower-clips", "72",
                        "--clips", "4", "--eval-questions", "4", "--max-steps", "2", "--eval-every-s", "0",
-                       "--warmup", "1", "--place-loss", "1", "--patch-place-loss", "1"]) == 0
+                       "--warmup", "1", "--place-loss", "1", "--patch-place-loss", "1",
+                       "--first-minutes", "10", "--first-types", "shape,colour", "--first-objects", "1,2,3,4"]) == 0
 
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["tower"]["tower_steps"] >= 1 and "tower_from" not in summary["tower"]
@@ -183,3 +184,11 @@ def test_first_types_must_be_training_question_types(capsys):
     with pytest.raises(SystemExit):
         train.main(["--first-types", "position,weather"])
     assert "--first-types" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("counts", ["", "2,x", "0,2"])
+def test_first_objects_must_be_object_counts(capsys, counts):
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--first-objects", counts])
+    assert "--first-objects" in capsys.readouterr().err
