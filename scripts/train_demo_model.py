@@ -457,11 +457,10 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     # --first-minutes: clips of --first-objects objects. With one object no question needs binding a word to
     # one of several objects, so a type can only be learnt by reading what the object's tokens carry; with
     # two to four, shape and colour questions teach that binding before the full mix's other types crowd it.
-    first_objects = {int(n) for n in args.first_objects.split(",")}
-    first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) in first_objects])
+    first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) in args.first_objects])
     first_types = tuple(t for t in args.first_types.split(",") if t)
     if args.first_minutes and not len(first_pool):
-        raise SystemExit(f"--first-minutes: no clip of {args.first_objects} objects among the cached training clips")
+        raise SystemExit(f"--first-minutes: no clip of {sorted(args.first_objects)} objects among the cached training clips")
     budget_s = args.minutes * 60 - (time.time() - args.start_time)
     t_start = time.time()
     best = -1.0
@@ -552,6 +551,14 @@ def evaluate_checkpoint(path: Path, num_questions: int, batch: int = 8) -> dict:
             "n": len(samples)}
 
 
+def object_counts(text: str) -> frozenset[int]:
+    """``--first-objects``: comma-separated object counts, each at least 1."""
+    counts = frozenset(int(n) for n in text.split(","))  # int("") and int("x") raise ValueError: argparse's error
+    if min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=85.0, help="wall-time budget for the whole run")
@@ -583,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the projector's learning rate as a fraction of --lr")
     ap.add_argument("--first-minutes", type=float, default=0.0,
                     help="train the first M minutes of stage 2 on --first-objects clips and --first-types only")
-    ap.add_argument("--first-objects", default="1",
+    ap.add_argument("--first-objects", type=object_counts, default=frozenset({1}),
                     help="comma-separated object counts of the clips the --first-minutes stage trains on")
     ap.add_argument("--first-types", default="position,shape,direction,colour",
                     help="comma-separated question types of the --first-minutes stage")
@@ -608,11 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (first := [t for t in args.first_types.split(",") if t]) or set(first) - set(TRAIN_TYPES):
         ap.error(f"--first-types: a comma-separated subset of {','.join(TRAIN_TYPES)}, got {args.first_types!r}")
-    try:
-        if not (counts := [int(n) for n in args.first_objects.split(",")]) or min(counts) < 1:
-            raise ValueError
-    except ValueError:
-        ap.error(f"--first-objects: comma-separated object counts of at least 1, got {args.first_objects!r}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:
