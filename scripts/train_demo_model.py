@@ -458,7 +458,6 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     # one of several objects, so a type can only be learnt by reading what the object's tokens carry; with
     # two to four, shape and colour questions teach that binding before the full mix's other types crowd it.
     first_pool = np.array([i for i, c in enumerate(clips) if len(c.objects) in args.first_objects])
-    first_types = tuple(t for t in args.first_types.split(",") if t)
     if args.first_minutes and not len(first_pool):
         raise SystemExit(f"--first-minutes: no clip of {sorted(args.first_objects)} objects among the cached training clips")
     budget_s = args.minutes * 60 - (time.time() - args.start_time)
@@ -498,7 +497,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             group["lr"] = lr * group["lr_scale"]
         if elapsed < args.first_minutes * 60:  # the first stage: --first-objects clips, --first-types only
             idx = first_pool[rng.integers(0, len(first_pool), size=args.batch)]
-            convs = [training_conversation(clips[i], rng, args.turns, caption_share=0.0, types=first_types)
+            convs = [training_conversation(clips[i], rng, args.turns, caption_share=0.0, types=args.first_types)
                      for i in idx]
         else:
             idx = rng.integers(0, len(clips), size=args.batch)
@@ -559,6 +558,14 @@ def object_counts(text: str) -> frozenset[int]:
     return counts
 
 
+def question_types(text: str) -> tuple[str, ...]:
+    """``--first-types``: a comma-separated, non-empty subset of the training question types."""
+    types = tuple(t for t in text.split(",") if t)
+    if not types or set(types) - set(TRAIN_TYPES):
+        raise ValueError(f"a comma-separated subset of {','.join(TRAIN_TYPES)}")
+    return types
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=85.0, help="wall-time budget for the whole run")
@@ -592,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the first M minutes of stage 2 on --first-objects clips and --first-types only")
     ap.add_argument("--first-objects", type=object_counts, default=frozenset({1}),
                     help="comma-separated object counts of the clips the --first-minutes stage trains on")
-    ap.add_argument("--first-types", default="position,shape,direction,colour",
+    ap.add_argument("--first-types", type=question_types, default=("position", "shape", "direction", "colour"),
                     help="comma-separated question types of the --first-minutes stage")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
@@ -613,8 +620,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="only measure the saved checkpoint at --out on --eval-questions held-out questions")
     args = ap.parse_args(argv)
-    if not (first := [t for t in args.first_types.split(",") if t]) or set(first) - set(TRAIN_TYPES):
-        ap.error(f"--first-types: a comma-separated subset of {','.join(TRAIN_TYPES)}, got {args.first_types!r}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:
