@@ -10,10 +10,12 @@ bf16). Held-out clips of the same kind (their own seed) are scored every ``--eva
 With one object no binding is needed ("what shape is the red object ?" has the clip's only shape as its
 answer), so a type learnt there but not with three objects is limited by the lookup the language model
 has to learn, not by what the features carry; a type not learnt even with one object is not in the
-features (or not readable by the language model).
+features (or not readable by the language model). ``--lookup-loss W`` adds stage 2's auxiliary loss that
+points one head at the asked object, to tell "cannot find the object" from "cannot read it once found".
 
     python scripts/probe_lookup.py /work/exp/m14/model --types shape --objects 1 --steps 300
     python scripts/probe_lookup.py /work/exp/m14/model --types shape --objects 3 --steps 600
+    python scripts/probe_lookup.py /work/exp/q2/model --types shape --objects 3 --steps 600 --lookup-loss 1
 
 Shapes: B conversations, S sequence length, V video tokens per clip, C vision width, K answer tokens.
 """
@@ -90,9 +92,14 @@ def score(model, enc: stage2.Encoder, feats: torch.Tensor, asked: list[tuple[int
 
 def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips: int, eval_clips: int,
           batch: int, lr: float, projector_lr_scale: float, eval_every: int, video: str, seed: int,
-          rope_theta: float | None = None, log=print) -> list[dict]:
-    """Train a fresh language model on ``path``'s tower for ``steps`` steps; the scores along the way."""
+          rope_theta: float | None = None, lookup_loss: float = 0.0, lookup_layers: tuple[int, ...] = (1, 2),
+          log=print) -> list[dict]:
+    """Train a fresh language model on ``path``'s tower for ``steps`` steps; the scores along the way.
+    ``lookup_loss`` > 0 adds stage 2's auxiliary lookup loss on ``lookup_layers`` with that weight."""
     model = fresh_model(path, seed, rope_theta)
+    layers = model.config.text_config.num_hidden_layers
+    if lookup_loss and max(lookup_layers) >= layers:
+        raise ValueError(f"lookup_layers: the language model has layers 0..{layers - 1}, got {lookup_layers}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tower = model.model.video_tower
     t0 = time.time()
@@ -106,6 +113,7 @@ def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips
     rng = np.random.default_rng(seed)
     asked = [(i, qa) for i, c in enumerate(held) for qa in questions(c, types, rng)]
     pools = [questions(c, types, rng) for c in train]
+    tokens = [stage2.object_tokens(c) for c in train] if lookup_loss else []  # (K, V) each
     if not asked or not all(pools):
         raise ValueError(f"clips of {objects} object(s) without an event have no {types} question")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -116,24 +124,26 @@ def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips
                             lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     history = [{"step": 0, "loss": None, "by_type": score(model, enc, held_feats, asked, tokenizer)}]
     model.train()
-    run_loss, t_train = 0.0, time.time()
+    run_loss, run_lookup, t_train = 0.0, 0.0, time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # stage 2's warm-up, then a constant rate: a probe, not a schedule
             group["lr"] = lr * min(1.0, step / 50) * group["lr_scale"]
         idx = rng.integers(0, len(train), size=batch)  # (B,)
         convs = [[pools[i][int(rng.integers(len(pools[i])))]] for i in idx]
-        loss, _, _ = stage2.answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], bf16=True)
+        objects = [tokens[i] for i in idx] if lookup_loss else None
+        part = stage2.answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], True, objects, lookup_layers)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (part.answer + lookup_loss * part.lookup).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        run_loss += loss.item()
+        run_loss += part.answer.item()
+        run_lookup += part.lookup.item()
         if step % eval_every == 0 or step == steps:
             n = step - history[-1]["step"]
-            history.append({"step": step, "loss": run_loss / n,
+            history.append({"step": step, "loss": run_loss / n, "lookup_loss": run_lookup / n,
                             "by_type": score(model, enc, held_feats, asked, tokenizer)})
-            run_loss = 0.0
-            log(f"step {step} loss {history[-1]['loss']:.3f} ({(time.time() - t_train) / step:.2f} s/step) " + " ".join(
+            run_loss = run_lookup = 0.0
+            log(f"step {step} loss {history[-1]['loss']:.3f} lookup {history[-1]['lookup_loss']:.3f} ({(time.time() - t_train) / step:.2f} s/step) " + " ".join(
                 f"{t} {r['accuracy']:.2f} ({r['distinct_answers']} answers, top {r['top_answer_share']:.2f})"
                 for t, r in history[-1]["by_type"].items()))
     return history
@@ -155,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rope-theta", type=float, default=None,
                     help="the language model's rotary base (default: the checkpoint's)")
+    ap.add_argument("--lookup-loss", type=float, default=0.0,
+                    help="weight of stage 2's auxiliary lookup loss (train_demo_model.py --lookup-loss; 0: none)")
+    ap.add_argument("--lookup-layers", type=stage2.layer_indices, default=(1, 2),
+                    help="comma-separated layers whose head 0 the lookup loss trains")
     ap.add_argument("--json", type=Path, default=None, help="write the history here")
     args = ap.parse_args(argv)
     types = [t for t in args.types.split(",") if t]
@@ -162,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--types: a comma-separated subset of {','.join(TRAIN_TYPES)}, got {args.types!r}")
     if not 1 <= args.objects <= MAX_OBJECTS:
         ap.error(f"--objects must be in [1, {MAX_OBJECTS}], got {args.objects}")
+    if args.lookup_loss < 0:
+        ap.error(f"--lookup-loss must be >= 0, got {args.lookup_loss}")
     if args.steps < 1 or args.eval_every < 1 or args.batch < 1 or args.train_clips < 1 or args.eval_clips < 1:
         ap.error("--steps, --eval-every, --batch, --train-clips and --eval-clips must be positive")
     torch.set_num_threads(2)
     history = probe(args.model, types, args.objects, steps=args.steps, train_clips=args.train_clips,
                     eval_clips=args.eval_clips, batch=args.batch, lr=args.lr,
                     projector_lr_scale=args.projector_lr_scale, eval_every=args.eval_every, video=args.video,
-                    seed=args.seed, rope_theta=args.rope_theta)
+                    seed=args.seed, rope_theta=args.rope_theta, lookup_loss=args.lookup_loss,
+                    lookup_layers=args.lookup_layers)
     if args.json is not None:
         args.json.write_text(json.dumps(history, indent=2))
     return 0

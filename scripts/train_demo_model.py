@@ -8,6 +8,7 @@ Stage 2  freeze the tower, cache its layer −2 hidden states for every training
          captions), loss on answer tokens only, on ALL visual tokens. The questions share the clip's
          prefix but each sees only that prefix and itself (a turn mask), so every turn is exactly
          Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
+         --lookup-loss adds an auxiliary loss pointing one head at the object a question names.
 
 Both stages see each clip as the service reads it (--video h264, the default): written as the 4 s H.264
 file and decoded at the frames the service samples; stage-1 labels come from the rendered scene.
@@ -35,11 +36,13 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import VideoLlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import rotate_half
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -408,18 +411,106 @@ def step_checkpoint(out_dir: Path, step: int) -> Path:
     return out_dir.with_name(f"{out_dir.name}-step{step:05d}")
 
 
-def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int, float]:
+class StepLoss(NamedTuple):
+    answer: torch.Tensor  # cross-entropy on the answer tokens
+    lookup: torch.Tensor  # lookup_loss (0 when not asked for)
+    seq: int  # padded sequence length S, for the log
+    visual_norm: float  # mean norm of the projected visual tokens, for the log
+
+
+# The one head of each --lookup-layers layer that the lookup loss trains; the layers' other heads stay free.
+LOOKUP_HEAD = 0
+
+
+def object_tokens(clip) -> torch.Tensor:
+    """(K, V) bool: the video tokens that hold a pixel of object k. Each frame's span is its [CLS] (never an
+    object's) then its P patches in raster order, as transformers' video path lays the tokens out."""
+    owner = clip.object_pixel_counts() > 0  # (T, P, K)
+    t, _, k = owner.shape
+    spans = np.concatenate([np.zeros((t, 1, k), dtype=bool), owner], axis=1)  # (T, N, K)
+    return torch.from_numpy(spans.reshape(-1, k).T.copy())  # (K, V)
+
+
+def head_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   b: torch.Tensor, t: torch.Tensor, head: int) -> torch.Tensor:
+    """(N, S) softmax weights of head ``head`` of Llama attention module ``attn`` for the N query rows
+    (b, t), from what the module was called with: hidden (B, S, D) after its layernorm, rotary cos / sin
+    (B, S, hd), additive mask (B, 1, S, S). The same scores as the module's eager path, on N rows instead of
+    B·H·S, so the forward keeps its fused kernel."""
+    hd = attn.head_dim
+    kv = head // attn.num_key_value_groups
+    q = attn.q_proj(hidden[b, t])[:, head * hd : (head + 1) * hd]  # (N, hd)
+    k = attn.k_proj(hidden)[..., kv * hd : (kv + 1) * hd]  # (B, S, hd)
+    q = q * cos[b, t] + rotate_half(q) * sin[b, t]
+    k = k * cos + rotate_half(k) * sin
+    scores = torch.einsum("nd,nsd->ns", q, k[b]).float() * attn.scaling + mask[b, 0, t].float()  # (N, S)
+    return scores.softmax(-1)
+
+
+def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.Tensor, target: torch.Tensor,
+                segments: torch.Tensor, convs, objects: list[torch.Tensor], video_id: int) -> torch.Tensor:
+    """Mean over the lookup layers and asked-about turns of −log(attention mass on the asked object's video
+    tokens), in head LOOKUP_HEAD at the token that predicts the turn's first answer token (the last prompt
+    token, the one inference answers from). ``inputs[layer]`` is what that layer's attention module was
+    called with (hidden, (cos, sin)), ``mask`` (B, 1, S, S) the turn mask it applied; ``objects[b]`` is
+    conversation b's (K, V) ``object_tokens``.
+
+    Departs from LLaVA-style training on purpose: an auxiliary objective for the lookup that the answer loss
+    alone teaches too slowly here (docs/demo_model.md). It only shapes attention; every visual token stays in.
+    """
+    before = F.pad(target, (1, 0), value=-100)[:, :-1]  # (B, S-1) the label one position earlier
+    b, t = ((target != -100) & (before == -100)).nonzero().unbind(1)  # (N,) each turn's predicting position
+    turn = segments[b, t] - 1  # (N,) turn index in its conversation
+    rows, masks = [], []
+    for n, (r, k) in enumerate(zip(b.tolist(), turn.tolist(), strict=True)):
+        subject = convs[r][k].subject
+        if subject is not None and bool(objects[r][subject].any()):  # an object hidden all clip long has no tokens
+            rows.append(n)
+            masks.append(objects[r][subject])
+    if not rows:
+        return torch.zeros(())
+    keep = torch.tensor(rows)
+    b, t = b[keep], t[keep]  # (N',)
+    asked = torch.stack(masks).float()  # (N', V)
+    start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
+    cols = start[b].unsqueeze(1) + torch.arange(asked.shape[1])  # (N', V)
+    losses = []
+    for layer, (hidden, (cos, sin)) in inputs.items():
+        attn = model.model.language_model.layers[layer].self_attn
+        weights = head_attention(attn, hidden, cos, sin, mask, b, t, LOOKUP_HEAD)  # (N', S)
+        losses.append(-torch.log((weights.gather(1, cols) * asked).sum(-1) + 1e-6).mean())
+    return torch.stack(losses).mean()
+
+
+def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
+                objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = ()) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
-    ``feats`` (B, V, C); the padded sequence length S and the mean norm of the visual tokens, for the log."""
+    ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
+    ``lookup_loss``."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
+    inputs: dict[int, tuple] = {}
+    hooks = []
+    if objects is not None:
+        for layer in lookup_layers:  # a pre-hook sees what the attention module gets; nothing is replaced
+            def keep(_module, _args, kwargs, layer=layer):
+                inputs[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+            attn = model.model.language_model.layers[layer].self_attn
+            hooks.append(attn.register_forward_pre_hook(keep, with_kwargs=True))
     # bf16 matmuls (avx512_bf16 here) with fp32 weights, optimizer state and loss: ~1.4x the steps.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        x = embed(model, ids, feats, enc.video_id)  # (B, S, D)
-        logits = lm_logits(model, x, turn_mask(segments, x.dtype), pos, position_ids)  # (K, vocab)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x = embed(model, ids, feats, enc.video_id)  # (B, S, D)
+            mask = turn_mask(segments, x.dtype)  # (B, 1, S, S)
+            logits = lm_logits(model, x, mask, pos, position_ids)  # (K, vocab)
+            extra = (lookup_loss(model, inputs, mask, ids, target, segments, convs, objects, enc.video_id)
+                     if inputs else torch.zeros(()))
+    finally:
+        for hook in hooks:
+            hook.remove()
     loss = F.cross_entropy(logits.float(), target[pos[:, 0], pos[:, 1]])
-    return loss, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item()
+    return StepLoss(loss, extra, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
 
 
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
@@ -466,8 +557,14 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     history = []
     step = 0
     next_eval = args.eval_every_s
-    run_loss = 0.0
+    run_loss = run_lookup = 0.0
     out_dir = Path(args.out)
+    tokens_cache: dict[int, torch.Tensor] = {}
+
+    def object_tokens_of(i: int) -> torch.Tensor:
+        if i not in tokens_cache:
+            tokens_cache[i] = object_tokens(clips[i])
+        return tokens_cache[i]
     model.train()
     while True:
         elapsed = time.time() - t_start
@@ -502,18 +599,21 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         else:
             idx = rng.integers(0, len(clips), size=args.batch)
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
-        loss, seq, visual_norm = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16)
+        objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
+        part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (part.answer + args.lookup_loss * part.lookup).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
-        run_loss += loss.item()
+        run_loss += part.answer.item()
+        run_lookup += part.lookup.item()
         if step % args.log_every == 0:
-            log(f"step {step} loss {run_loss / args.log_every:.4f} lr {lr:.2e} seq {seq} "
-                f"visual-token norm {visual_norm:.1f} "
+            lookup = f" lookup {run_lookup / args.log_every:.3f}" if args.lookup_loss else ""
+            log(f"step {step} loss {run_loss / args.log_every:.4f}{lookup} lr {lr:.2e} seq {part.seq} "
+                f"visual-token norm {part.visual_norm:.1f} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
-            run_loss = 0.0
+            run_loss = run_lookup = 0.0
     return {"best_accuracy": best, "steps": step, "history": history}
 
 
@@ -556,6 +656,14 @@ def object_counts(text: str) -> frozenset[int]:
     if min(counts) < 1:
         raise ValueError(text)
     return counts
+
+
+def layer_indices(text: str) -> tuple[int, ...]:
+    """``--lookup-layers``: comma-separated language-model layer indices, each at least 0."""
+    layers = tuple(sorted({int(n) for n in text.split(",")}))  # int("") raises ValueError: argparse's error
+    if layers[0] < 0:
+        raise ValueError(text)
+    return layers
 
 
 def question_types(text: str) -> tuple[str, ...]:
@@ -601,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated object counts of the clips the --first-minutes stage trains on")
     ap.add_argument("--first-types", type=question_types, default=("position", "shape", "direction", "colour"),
                     help="comma-separated question types of the --first-minutes stage")
+    ap.add_argument("--lookup-loss", type=float, default=0.0,
+                    help="weight of the auxiliary loss that trains one head of each --lookup-layers layer to look, "
+                         "from the answering token, at the object the question names (0: none)")
+    ap.add_argument("--lookup-layers", type=layer_indices, default=(1, 2),
+                    help="comma-separated language-model layers (0-based) whose head 0 --lookup-loss trains")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -620,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="only measure the saved checkpoint at --out on --eval-questions held-out questions")
     args = ap.parse_args(argv)
+    if args.lookup_loss < 0:
+        ap.error(f"--lookup-loss must be >= 0, got {args.lookup_loss}")
+    if max(args.lookup_layers) >= args.text_layers:
+        ap.error(f"--lookup-layers: the language model has layers 0..{args.text_layers - 1}, got {args.lookup_layers}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

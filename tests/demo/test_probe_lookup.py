@@ -52,6 +52,25 @@ def test_a_short_probe_learns_colour_on_one_object_clips_from_the_shipped_tower(
     # Chance is 1/6; a linear probe reads colour from these features at 1.0 (docs/demo_model.md).
     assert after["accuracy"] > 0.6 and after["accuracy"] > before["accuracy"] + 0.3
     assert history[0]["loss"] is None and history[-1]["loss"] > 0  # mean answer-token loss of steps 1..45
+    assert history[-1]["lookup_loss"] == 0.0  # not asked for
+
+
+def test_the_lookup_loss_is_trained_beside_the_answers_when_asked_for(lookup):
+    history = lookup.probe(demo_model_path(), ["shape"], 3, steps=4, train_clips=16, eval_clips=8, batch=4,
+                           lr=3e-3, projector_lr_scale=0.1, eval_every=4, video="frames", seed=0,
+                           lookup_loss=1.0, lookup_layers=(1,), log=lambda _msg: None)
+    # −log of head 0's attention mass on the asked object: objects hold a few percent of the video tokens.
+    assert history[-1]["lookup_loss"] > 1.0 and history[-1]["loss"] > 0
+
+
+def test_lookup_layers_must_be_layer_indices_of_the_language_model(lookup, capsys):
+    with pytest.raises(SystemExit):
+        lookup.main([str(demo_model_path()), "--lookup-layers", "1,x"])
+    assert "--lookup-layers" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lookup_layers: the language model has layers 0..3"):
+        lookup.probe(demo_model_path(), ["shape"], 3, steps=1, train_clips=1, eval_clips=1, batch=1, lr=1e-3,
+                     projector_lr_scale=0.1, eval_every=1, video="frames", seed=0, lookup_loss=1.0,
+                     lookup_layers=(1, 4))
 
 
 def test_types_outside_the_training_types_are_refused(lookup, capsys):

@@ -192,3 +192,88 @@ def test_first_objects_must_be_object_counts(capsys, counts):
     with pytest.raises(SystemExit):
         train.main(["--first-objects", counts])
     assert "--first-objects" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers", ["", "1,x", "-1,2"])
+def test_lookup_layers_must_be_layer_indices(capsys, layers):
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--lookup-layers", layers])
+    assert "--lookup-layers" in capsys.readouterr().err
+
+
+def test_lookup_layers_must_exist_in_the_language_model(capsys):
+    train = _script()
+    with pytest.raises(SystemExit):
+        train.main(["--lookup-layers", "1,4", "--text-layers", "4"])
+    assert "--lookup-layers: the language model has layers 0..3" in capsys.readouterr().err
+
+
+def test_object_tokens_are_the_patches_objects_are_drawn_in_and_never_a_cls():
+    train = _script()
+    clip = training_clip(5)
+    tokens = train.object_tokens(clip)  # (K, V)
+    t, h, w = clip.masks.shape
+    size = h // 8  # 8 × 8 patches a frame
+    drawn = clip.masks.reshape(t, 8, size, 8, size).any(axis=(2, 4)).reshape(t, 64)  # (T, P) any object pixel
+    spans = tokens.reshape(len(clip.objects), t, 65)  # (K, T, N)
+    assert not spans[:, :, 0].any()  # [CLS]
+    assert torch.equal(spans[:, :, 1:].any(0), torch.from_numpy(drawn))
+    assert all(spans[k].any() for k in range(len(clip.objects)))
+
+
+def _tiny_lookup_setup(train, seed: int = 0):
+    torch.manual_seed(seed)
+    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
+                           text_heads=2, text_ffn=64)
+    tokenizer = build_tokenizer()
+    model = VideoLlavaForConditionalGeneration(build_config(tokenizer, shape))
+    enc = train.Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
+    rng = np.random.default_rng(4)
+    clips = [training_clip(i) for i in range(2)]
+    convs = [training_conversation(c, rng, 6, caption_share=0.0, types=("shape", "colour", "count")) for c in clips]
+    objects = [train.object_tokens(c) for c in clips]
+    feats = torch.randn(2, shape.num_frames * shape.tokens_per_frame, shape.vision_width)  # (B, V, C)
+    return model, enc, convs, objects, feats
+
+
+def test_lookup_loss_is_the_single_turn_prompts_attention_on_the_asked_object():
+    """The shared-prefix batch, recomputed on one head from a pre-hook, equals the eager attention weights
+    of each single-turn prompt, as inference computes them."""
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train)
+    model.eval()
+    with torch.no_grad():
+        part = train.answer_loss(model, enc, convs, feats, False, objects, (1,))  # the fused sdpa forward
+        model.set_attn_implementation("eager")  # the reference: the module's own attention weights
+        expected = []
+        for r, conv in enumerate(convs):
+            for qa in conv:
+                if qa.subject is None:  # count questions name no object: not in the loss
+                    continue
+                ids = torch.tensor([enc.first_prompt(qa.question)])  # (1, S1)
+                x = train.embed(model, ids, feats[r : r + 1], enc.video_id)
+                attn = model.model.language_model(inputs_embeds=x, output_attentions=True).attentions[1]
+                start = int((ids == enc.video_id).int().argmax(1))
+                row = attn[0, train.LOOKUP_HEAD, -1, start : start + objects[r].shape[1]]  # (V,) last prompt token
+                expected.append(-torch.log(row[objects[r][qa.subject]].sum() + 1e-6))
+    assert len(expected) >= 3 and any(qa.subject is None for c in convs for qa in c)
+    torch.testing.assert_close(part.lookup, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    assert part.answer > 0 and part.seq > enc.video_tokens
+
+
+def test_lookup_loss_trains_the_head_to_look_at_the_asked_object():
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train, seed=1)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "tower" not in n], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        part = train.answer_loss(model, enc, convs, feats, False, objects, (1,))
+        opt.zero_grad(set_to_none=True)
+        part.lookup.backward()
+        opt.step()
+        losses.append(part.lookup.item())
+    # Objects cover a few percent of the video tokens: about their area's share (−log ≈ 3) untrained.
+    assert losses[0] > 2.0 and losses[-1] < 0.5 * losses[0]
+    without = train.answer_loss(model, enc, convs, feats, False)
+    assert without.lookup.item() == 0.0
