@@ -207,6 +207,9 @@ def test_lookup_layers_must_exist_in_the_language_model(capsys):
     with pytest.raises(SystemExit):
         train.main(["--lookup-layers", "1,4", "--text-layers", "4"])
     assert "--lookup-layers: the language model has layers 0..3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--lookup-loss", "-0.5"])
+    assert "--lookup-loss must be >= 0" in capsys.readouterr().err
 
 
 def test_object_tokens_are_the_patches_objects_are_drawn_in_and_never_a_cls():
