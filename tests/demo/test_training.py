@@ -179,37 +179,18 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     assert train.patch_column_probe(noise, on_object.numpy()) < 0.3  # chance is 1/8
 
 
-def test_first_types_must_be_training_question_types(capsys):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--first-types", "position,weather"], "--first-types"),
+    *[(["--first-objects", counts], "--first-objects") for counts in ("", "2,x", "0,2")],
+    *[(["--lookup-layers", layers], "--lookup-layers") for layers in ("", "1,x", "-1,2")],
+    (["--lookup-layers", "1,4", "--text-layers", "4"], "--lookup-layers: the language model has layers 0..3"),
+    (["--lookup-loss", "-0.5"], "--lookup-loss must be >= 0"),
+])
+def test_bad_arguments_are_refused_naming_the_flag(capsys, argv, message):
     train = _script()
     with pytest.raises(SystemExit):
-        train.main(["--first-types", "position,weather"])
-    assert "--first-types" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("counts", ["", "2,x", "0,2"])
-def test_first_objects_must_be_object_counts(capsys, counts):
-    train = _script()
-    with pytest.raises(SystemExit):
-        train.main(["--first-objects", counts])
-    assert "--first-objects" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("layers", ["", "1,x", "-1,2"])
-def test_lookup_layers_must_be_layer_indices(capsys, layers):
-    train = _script()
-    with pytest.raises(SystemExit):
-        train.main(["--lookup-layers", layers])
-    assert "--lookup-layers" in capsys.readouterr().err
-
-
-def test_lookup_layers_must_exist_in_the_language_model(capsys):
-    train = _script()
-    with pytest.raises(SystemExit):
-        train.main(["--lookup-layers", "1,4", "--text-layers", "4"])
-    assert "--lookup-layers: the language model has layers 0..3" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.main(["--lookup-loss", "-0.5"])
-    assert "--lookup-loss must be >= 0" in capsys.readouterr().err
+        train.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_object_tokens_are_the_patches_objects_are_drawn_in_and_never_a_cls():
