@@ -394,6 +394,11 @@ def evaluate(model, enc: Encoder, feats: torch.Tensor, samples, batch: int = 16)
     return {"accuracy": overall, "by_type": by_type, "n": len(samples)}
 
 
+def args_record(args: argparse.Namespace) -> dict[str, str]:
+    """The run's arguments as the checkpoint's training_summary.json records them."""
+    return {k: str(v) for k, v in vars(args).items() if k != "start_time"}
+
+
 def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -575,7 +580,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             history.append(res)
             log(f"EVAL step {step}: acc {res['accuracy']:.3f} " + " ".join(
                 f"{t}={res['by_type'].get(t, 0):.2f}" for t in EVAL_TYPES))
-            summary = {"args": {k: str(v) for k, v in vars(args).items() if k != "start_time"},
+            summary = {"args": args_record(args),
                        "tower": tower_stats, "eval": res, "history": history}
             if args.keep_every_eval:
                 # Robustness to pruning is not what validation picks on; keeping every checkpoint lets
@@ -693,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",
                     help="train and validate on frames as the service reads them from H.264 (default) or as rendered")
-    ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics")
+    ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics, saving a checkpoint for --tower-from")
     ap.add_argument("--clips", type=int, default=4000, help="training clips whose features are cached")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=10, help="questions per training conversation")
@@ -767,6 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tower_stats = pretrain_tower(model, args)
         if args.tower_only:
+            # Projector and language model stay at their seed: a later --tower-from run takes only the tower.
+            save_checkpoint(model, tokenizer, shape, args.out,
+                            {"args": args_record(args),
+                             "tower": tower_stats})
+            log(f"saved the tower (projector and language model untrained) to {args.out}")
             return 0
     result = train_lm(model, tokenizer, shape, args, tower_stats)
     log(f"done: best validation accuracy {result['best_accuracy']:.3f} after {result['steps']} steps, "

@@ -167,6 +167,22 @@ def test_a_run_from_scratch_trains_the_tower_then_the_language_model(tmp_path):
     assert not torch.equal(trained[tower], fresh[tower])  # stage 1 moved the tower from its seed-0 start
 
 
+def test_tower_only_saves_a_trained_tower_beside_an_untrained_language_model(tmp_path):
+    out = tmp_path / "tower"
+    assert _script().main(["--out", str(out), "--video", "frames", "--tower-only", "--tower-minutes", "0.02",
+                           "--tower-clips", "72"]) == 0
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["tower"]["tower_steps"] >= 1 and "eval" not in summary
+    torch.manual_seed(0)
+    fresh = VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), DemoModelShape())).state_dict()
+    saved = VideoLlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    tower = next(k for k in fresh if "video_tower" in k and k.endswith("layers.0.mlp.fc1.weight"))
+    lm = next(k for k in fresh if k.endswith("layers.0.mlp.down_proj.weight"))
+    assert not torch.equal(saved[tower], fresh[tower])
+    torch.testing.assert_close(saved[lm], fresh[lm])  # stage 2 never ran
+
+
 def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_they_lack():
     train = _script()
     g = torch.Generator().manual_seed(0)
