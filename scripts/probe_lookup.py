@@ -65,7 +65,7 @@ def fresh_model(path: Path, seed: int, rope_theta: float | None = None) -> Video
         config.text_config.rope_parameters["rope_theta"] = rope_theta
     torch.manual_seed(seed)
     model = VideoLlavaForConditionalGeneration(config)
-    model.load_state_dict({k: v for k, v in saved.state_dict().items() if "tower" in k}, strict=False)
+    stage2.copy_towers(saved, model, path)
     for name, p in model.named_parameters():
         p.requires_grad_("tower" not in name)
     return model

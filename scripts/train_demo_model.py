@@ -399,6 +399,17 @@ def args_record(args: argparse.Namespace) -> dict[str, str]:
     return {k: str(v) for k, v in vars(args).items() if k != "start_time"}
 
 
+def copy_towers(saved, model, source: Path) -> None:
+    """Load ``saved``'s vision towers into ``model``, leaving its projector and language model as they are."""
+    towers = {k: v for k, v in saved.state_dict().items() if "tower" in k}
+    try:  # another width fails inside load_state_dict; another depth leaves keys over or missing
+        missing, unexpected = model.load_state_dict(towers, strict=False)
+    except RuntimeError as e:
+        raise SystemExit(f"{source}: its vision tower does not fit this model's shape ({e})") from e
+    if unexpected or any("tower" in k for k in missing):
+        raise SystemExit(f"{source}: its vision tower does not fit this model's shape")
+
+
 def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -761,11 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         tower_stats = {**summary.get("tower", {}), "continued_from": summary.get("eval", {})}
         log(f"continuing from {args.init_from} (validation accuracy then {summary.get('eval', {}).get('accuracy')})")
     elif args.tower_from is not None:
-        saved = VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from)
-        towers = {k: v for k, v in saved.state_dict().items() if "tower" in k}
-        missing, unexpected = model.load_state_dict(towers, strict=False)
-        if unexpected or any("tower" in k for k in missing):
-            raise SystemExit(f"{args.tower_from}: its vision tower does not fit this model's shape")
+        copy_towers(VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from), model, args.tower_from)
         summary = json.loads((args.tower_from / "training_summary.json").read_text())
         tower_stats = {**summary.get("tower", {}), "tower_from": str(args.tower_from)}
         log(f"vision tower from {args.tower_from}; projector and language model start from seed {args.seed}")

@@ -141,6 +141,17 @@ def test_tower_from_keeps_the_tower_and_trains_a_fresh_language_model_with_a_slo
     assert 0 < moved(proj) < 0.2 * moved(lm)
 
 
+@pytest.mark.parametrize("vision", [dict(vision_width=32, vision_heads=2), dict(vision_layers=2)],
+                         ids=["narrower", "shallower"])
+def test_tower_from_a_checkpoint_of_another_shape_is_refused(tmp_path, vision):
+    shape = DemoModelShape(**vision, text_width=32, text_layers=2, text_heads=2, text_ffn=64)
+    VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), shape)).save_pretrained(tmp_path / "small")
+    with pytest.raises(SystemExit, match="does not fit"):
+        _script().copy_towers(VideoLlavaForConditionalGeneration.from_pretrained(tmp_path / "small"),
+                              VideoLlavaForConditionalGeneration(build_config(build_tokenizer(), DemoModelShape())),
+                              tmp_path / "small")
+
+
 def test_tower_from_and_init_from_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         _script().main(["--tower-from", str(demo_model_path()), "--init-from", str(demo_model_path())])
