@@ -591,8 +591,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             history.append(res)
             log(f"EVAL step {step}: acc {res['accuracy']:.3f} " + " ".join(
                 f"{t}={res['by_type'].get(t, 0):.2f}" for t in EVAL_TYPES))
-            summary = {"args": args_record(args),
-                       "tower": tower_stats, "eval": res, "history": history}
+            summary = {"args": args_record(args), "tower": tower_stats, "eval": res, "history": history}
             if args.keep_every_eval:
                 # Robustness to pruning is not what validation picks on; keeping every checkpoint lets
                 # `streamvlm eval` measure it along the run.
@@ -780,9 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         tower_stats = pretrain_tower(model, args)
         if args.tower_only:
             # Projector and language model stay at their seed: a later --tower-from run takes only the tower.
-            save_checkpoint(model, tokenizer, shape, args.out,
-                            {"args": args_record(args),
-                             "tower": tower_stats})
+            save_checkpoint(model, tokenizer, shape, args.out, {"args": args_record(args), "tower": tower_stats})
             log(f"saved the tower (projector and language model untrained) to {args.out}")
             return 0
     result = train_lm(model, tokenizer, shape, args, tower_stats)
