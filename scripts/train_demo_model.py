@@ -8,7 +8,8 @@ Stage 2  freeze the tower, cache its layer −2 hidden states for every training
          captions), loss on answer tokens only, on ALL visual tokens. The questions share the clip's
          prefix but each sees only that prefix and itself (a turn mask), so every turn is exactly
          Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
-         --lookup-loss adds an auxiliary loss pointing one head at the object a question names.
+         --lookup-loss adds an auxiliary loss pointing one head at the object a question names
+         (--lookup-types: on the turns of those question types only).
 
 Both stages see each clip as the service reads it (--video h264, the default): written as the 4 s H.264
 file and decoded at the frames the service samples; stage-1 labels come from the rendered scene.
@@ -434,6 +435,8 @@ class StepLoss(NamedTuple):
     visual_norm: float  # mean norm of the projected visual tokens, for the log
 
 
+# The question types that name one object (QA.subject): the only turns the lookup loss can point at.
+LOOKUP_TYPES = ("colour", "shape", "direction", "position")
 # The one head of each --lookup-layers layer that the lookup loss trains; the layers' other heads stay free.
 LOOKUP_HEAD = 0
 
@@ -464,12 +467,13 @@ def head_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 
 def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.Tensor, target: torch.Tensor,
-                segments: torch.Tensor, convs, objects: list[torch.Tensor], video_id: int) -> torch.Tensor:
+                segments: torch.Tensor, convs, objects: list[torch.Tensor], video_id: int,
+                types: tuple[str, ...] = LOOKUP_TYPES) -> torch.Tensor:
     """Mean over the lookup layers and asked-about turns of −log(attention mass on the asked object's video
     tokens), in head LOOKUP_HEAD at the token that predicts the turn's first answer token (the last prompt
     token, the one inference answers from). ``inputs[layer]`` is what that layer's attention module was
     called with (hidden, (cos, sin)), ``mask`` (B, 1, S, S) the turn mask it applied; ``objects[b]`` is
-    conversation b's (K, V) ``object_tokens``.
+    conversation b's (K, V) ``object_tokens``. Only turns asking a question of ``types`` count.
 
     Departs from LLaVA-style training on purpose: an auxiliary objective for the lookup that the answer loss
     alone teaches too slowly here (docs/demo_model.md). It only shapes attention; every visual token stays in.
@@ -480,7 +484,7 @@ def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.
     rows, masks = [], []
     for n, (r, k) in enumerate(zip(b.tolist(), turn.tolist(), strict=True)):
         subject = convs[r][k].subject
-        if subject is not None and bool(objects[r][subject].any()):  # an object hidden all clip long has no tokens
+        if convs[r][k].qtype in types and subject is not None and bool(objects[r][subject].any()):  # an object hidden all clip long has no tokens
             rows.append(n)
             masks.append(objects[r][subject])
     if not rows:
@@ -499,10 +503,11 @@ def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.
 
 
 def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
-                objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = ()) -> StepLoss:
+                objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
+                lookup_types: tuple[str, ...] = LOOKUP_TYPES) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
-    ``lookup_loss``."""
+    ``lookup_loss`` over the turns of ``lookup_types``."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
@@ -520,8 +525,8 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
             x = embed(model, ids, feats, enc.video_id)  # (B, S, D)
             mask = turn_mask(segments, x.dtype)  # (B, 1, S, S)
             logits = lm_logits(model, x, mask, pos, position_ids)  # (K, vocab)
-            extra = (lookup_loss(model, inputs, mask, ids, target, segments, convs, objects, enc.video_id)
-                     if inputs else torch.zeros(()))
+            extra = (lookup_loss(model, inputs, mask, ids, target, segments, convs, objects, enc.video_id,
+                                 lookup_types) if inputs else torch.zeros(()))
     finally:
         for hook in hooks:
             hook.remove()
@@ -615,7 +620,8 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             idx = rng.integers(0, len(clips), size=args.batch)
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
         objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
-        part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers)
+        part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
+                           args.lookup_types)
         opt.zero_grad(set_to_none=True)
         (part.answer + args.lookup_loss * part.lookup).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -729,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                          "from the answering token, at the object the question names (0: none)")
     ap.add_argument("--lookup-layers", type=layer_indices, default=(1, 2),
                     help="comma-separated language-model layers (0-based) whose head 0 --lookup-loss trains")
+    ap.add_argument("--lookup-types", type=question_types, default=LOOKUP_TYPES,
+                    help=f"comma-separated question types whose turns --lookup-loss trains, from {','.join(LOOKUP_TYPES)}")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -750,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lookup_loss < 0:
         ap.error(f"--lookup-loss must be >= 0, got {args.lookup_loss}")
+    if set(args.lookup_types) - set(LOOKUP_TYPES):
+        ap.error(f"--lookup-types: only {','.join(LOOKUP_TYPES)} questions name an object, got {args.lookup_types}")
     if max(args.lookup_layers) >= args.text_layers:
         ap.error(f"--lookup-layers: the language model has layers 0..{args.text_layers - 1}, got {args.lookup_layers}")
     args.start_time = time.time()

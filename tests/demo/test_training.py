@@ -11,7 +11,8 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from pipeline.demo_model import DemoModelShape, build_config, build_tokenizer, demo_model_path
-from pipeline.synthetic import training_clip, training_conversation
+from pipeline.synthetic import TRAIN_TYPES, training_clip, training_conversation
+from pipeline.synthetic.language import questions_of_type
 
 SCRIPT = demo_model_path().parents[2] / "scripts" / "train_demo_model.py"
 
@@ -212,6 +213,8 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     *[(["--lookup-layers", layers], "--lookup-layers") for layers in ("", "1,x", "-1,2")],
     (["--lookup-layers", "1,4", "--text-layers", "4"], "--lookup-layers: the language model has layers 0..3"),
     (["--lookup-loss", "-0.5"], "--lookup-loss must be >= 0"),
+    (["--lookup-types", "shape,weather"], "--lookup-types"),
+    (["--lookup-types", "shape,count"], "--lookup-types: only colour,shape,direction,position questions name an object"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag(capsys, argv, message):
     train = _script()
@@ -233,6 +236,13 @@ def test_object_tokens_are_the_patches_objects_are_drawn_in_and_never_a_cls():
     assert all(spans[k].any() for k in range(len(clip.objects)))
 
 
+def test_lookup_types_are_the_question_types_that_name_one_object():
+    rng = np.random.default_rng(0)
+    named = {qa.qtype for i in range(200) for t in TRAIN_TYPES for qa in questions_of_type(training_clip(i), t, rng)
+             if qa.subject is not None}
+    assert named == set(_script().LOOKUP_TYPES)
+
+
 def _tiny_lookup_setup(train, seed: int = 0):
     torch.manual_seed(seed)
     shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
@@ -248,19 +258,21 @@ def _tiny_lookup_setup(train, seed: int = 0):
     return model, enc, convs, objects, feats
 
 
-def test_lookup_loss_is_the_single_turn_prompts_attention_on_the_asked_object():
+@pytest.mark.parametrize("types", [None, ("shape",)], ids=["every-type", "shape-only"])
+def test_lookup_loss_is_the_single_turn_prompts_attention_on_the_asked_object(types):
     """The shared-prefix batch, recomputed on one head from a pre-hook, equals the eager attention weights
-    of each single-turn prompt, as inference computes them."""
+    of each single-turn prompt, as inference computes them; ``lookup_types`` keeps only those turns."""
     train = _script()
     model, enc, convs, objects, feats = _tiny_lookup_setup(train)
     model.eval()
+    types = types or train.LOOKUP_TYPES
     with torch.no_grad():
-        part = train.answer_loss(model, enc, convs, feats, False, objects, (1,))  # the fused sdpa forward
+        part = train.answer_loss(model, enc, convs, feats, False, objects, (1,), types)  # the fused sdpa forward
         model.set_attn_implementation("eager")  # the reference: the module's own attention weights
         expected = []
         for r, conv in enumerate(convs):
             for qa in conv:
-                if qa.subject is None:  # count questions name no object: not in the loss
+                if qa.subject is None or qa.qtype not in types:  # count questions name no object
                     continue
                 ids = torch.tensor([enc.first_prompt(qa.question)])  # (1, S1)
                 x = train.embed(model, ids, feats[r : r + 1], enc.video_id)
@@ -268,7 +280,7 @@ def test_lookup_loss_is_the_single_turn_prompts_attention_on_the_asked_object():
                 start = int((ids == enc.video_id).int().argmax(1))
                 row = attn[0, train.LOOKUP_HEAD, -1, start : start + objects[r].shape[1]]  # (V,) last prompt token
                 expected.append(-torch.log(row[objects[r][qa.subject]].sum() + 1e-6))
-    assert len(expected) >= 3 and any(qa.subject is None for c in convs for qa in c)
+    assert len(expected) >= 2 and any(qa.subject is None or qa.qtype not in types for c in convs for qa in c)
     torch.testing.assert_close(part.lookup, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
     assert part.answer > 0 and part.seq > enc.video_tokens
 
