@@ -483,10 +483,11 @@ def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.
     turn = segments[b, t] - 1  # (N,) turn index in its conversation
     rows, masks = [], []
     for n, (r, k) in enumerate(zip(b.tolist(), turn.tolist(), strict=True)):
-        subject = convs[r][k].subject
-        if convs[r][k].qtype in types and subject is not None and bool(objects[r][subject].any()):  # an object hidden all clip long has no tokens
+        qa = convs[r][k]
+        # An object hidden all clip long has no tokens to look at.
+        if qa.qtype in types and qa.subject is not None and bool(objects[r][qa.subject].any()):
             rows.append(n)
-            masks.append(objects[r][subject])
+            masks.append(objects[r][qa.subject])
     if not rows:
         return torch.zeros(())
     keep = torch.tensor(rows)
@@ -714,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the per-patch shape/colour loss (0: the shipped checkpoint's [CLS]-only stage 1)")
     ap.add_argument("--video", choices=("h264", "frames"), default="h264",
                     help="train and validate on frames as the service reads them from H.264 (default) or as rendered")
-    ap.add_argument("--tower-only", action="store_true", help="stop after stage 1 and its statistics, saving a checkpoint for --tower-from")
+    ap.add_argument("--tower-only", action="store_true",
+                    help="stop after stage 1 and its statistics, saving a checkpoint for --tower-from")
     ap.add_argument("--clips", type=int, default=4000, help="training clips whose features are cached")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=10, help="questions per training conversation")
