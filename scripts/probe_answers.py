@@ -1,4 +1,4 @@
-"""What a checkpoint answers, unpruned, split by how many objects the clip holds.
+"""What a checkpoint answers, unpruned or under one encoder selection, split by how many objects the clip holds.
 
 `streamvlm eval` gives one accuracy per question type. This splits each type by the clip's object count
 (with one object no binding is needed: the only shape in the clip is the answer to "what shape is the red
@@ -12,7 +12,9 @@ clips only) or "guesses among the clip's objects".
 (types may then include the training-only ``position``): a type at chance there too was never learnt, one
 right there and at chance held out was memorised.
 
-Answers are `streamvlm eval`'s ``none`` row (``pipeline.eval.evaluate``), each model loaded once.
+Answers are `streamvlm eval`'s ``none`` row (``pipeline.eval.evaluate``), each model loaded once;
+``--method random|cls --reduction R [--strategy S]`` gives that row's answers instead, to see what an
+answer that pruning breaks turns into (one wrong word for everything, or a guess among the clip's objects).
 
 ``--attention`` adds where the language model looks (rendered frames only: the object masks come from the
 scene): for questions about one object, the last prompt token's attention in each layer (heads averaged)
@@ -41,11 +43,13 @@ from pipeline.inference import VideoQA  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.synthetic import EVAL_TYPES, HELD_OUT_SIZE, TRAIN_TYPES, Sample, held_out_set, training_clip  # noqa: E402
 from pipeline.synthetic.language import questions_of_type  # noqa: E402
-from pruning.config import PruningConfig  # noqa: E402
+from pruning.config import TEMPORAL_STRATEGIES, PruningConfig  # noqa: E402
+
+UNPRUNED = RowSpec("none", None, 0.0, 0.0, 2)
 
 
-def answers(qa_model: VideoQA, samples, batch_size: int) -> list[str]:
-    (row,) = evaluate(qa_model, samples, [RowSpec("none", None, 0.0, 0.0, 2)], batch_size, max_new_tokens=8)
+def answers(qa_model: VideoQA, samples, batch_size: int, spec: RowSpec = UNPRUNED) -> list[str]:
+    (row,) = evaluate(qa_model, samples, [spec], batch_size, max_new_tokens=8)
     return row.answers
 
 
@@ -134,7 +138,15 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--attention", action="store_true", help="also measure the LM's attention (rendered frames)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--method", choices=("none", "random", "cls"), default="none",
+                    help="encoder selection the answers are given under (default none)")
+    ap.add_argument("--strategy", choices=TEMPORAL_STRATEGIES, default="uniform",
+                    help="temporal strategy of --method cls (default uniform)")
+    ap.add_argument("--reduction", type=float, default=0.0, help="encoder reduction of --method random|cls")
     args = ap.parse_args()
+    if (args.method == "none") != (args.reduction == 0.0) or not 0.0 <= args.reduction < 1.0:
+        ap.error("--reduction: give a value in (0, 1) with --method random|cls, and none without")
+    spec = RowSpec(args.method, args.strategy if args.method == "cls" else None, args.reduction, 0.0, 2)
     types = [t for t in args.types.split(",") if t]
     allowed = TRAIN_TYPES if args.training_clips else EVAL_TYPES
     if unknown := set(types) - set(allowed):
@@ -153,7 +165,8 @@ def main() -> int:
         samples = through_h264(samples, Settings())
     for path in args.models:
         qa_model = VideoQA.load(path)
-        report(str(path), samples, answers(qa_model, samples, args.batch_size))
+        name = str(path) if args.method == "none" else f"{path} ({spec.label} at {spec.reduction:.0%} reduction)"
+        report(name, samples, answers(qa_model, samples, args.batch_size, spec))
         if args.attention:
             report_attention(str(path), attention_shares(qa_model, samples))
     return 0

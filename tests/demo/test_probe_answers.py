@@ -40,6 +40,25 @@ def test_answers_are_the_eval_none_rows_answers(probe):
     assert all(g for g in given)
 
 
+def test_answers_under_a_selection_are_that_eval_rows_answers(probe):
+    samples = _samples("colour", 6)
+    spec = RowSpec("cls", "uniform", 0.95, 0.0, 2)
+    given = probe.answers(VideoQA.load(demo_model_path()), samples, batch_size=4, spec=spec)
+    (row, unpruned) = evaluate(VideoQA.load(demo_model_path()), samples, [spec, probe.UNPRUNED],
+                               batch_size=8, max_new_tokens=8)
+    assert given == row.answers
+    assert sum(row.kept_tokens) < sum(unpruned.kept_tokens) / 10  # the selection did apply
+
+
+def test_reduction_goes_with_a_pruning_method(probe, monkeypatch, capsys):
+    for argv in (["--method", "cls"], ["--reduction", "0.9"], ["--method", "random", "--reduction", "1"]):
+        monkeypatch.setattr("sys.argv", ["probe_answers.py", str(demo_model_path()), *argv])
+        with pytest.raises(SystemExit) as exit_:
+            probe.main()
+        assert exit_.value.code == 2
+        assert "--reduction" in capsys.readouterr().err
+
+
 def test_attention_shares_partition_the_row_and_one_object_clips_have_no_other_object(probe):
     one = _samples("shape", 2, objects=1)
     many = _samples("colour", 2, objects=4)
