@@ -9,7 +9,8 @@ Stage 2  freeze the tower, cache its layer −2 hidden states for every training
          prefix but each sees only that prefix and itself (a turn mask), so every turn is exactly
          Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
          --lookup-loss adds an auxiliary loss pointing one head at the object a question names
-         (--lookup-types: on the turns of those question types only).
+         (--lookup-types: on the turns of those question types only); --cls-read-loss one pointing one
+         head of --cls-read-layer at the frames' [CLS] tokens on every turn.
 
 Both stages see each clip as the service reads it (--video h264, the default): written as the 4 s H.264
 file and decoded at the frames the service samples; stage-1 labels come from the rendered scene.
@@ -431,6 +432,7 @@ def step_checkpoint(out_dir: Path, step: int) -> Path:
 class StepLoss(NamedTuple):
     answer: torch.Tensor  # cross-entropy on the answer tokens
     lookup: torch.Tensor  # lookup_loss (0 when not asked for)
+    cls_read: torch.Tensor  # cls_read_loss (0 when not asked for)
     seq: int  # padded sequence length S, for the log
     visual_norm: float  # mean norm of the projected visual tokens, for the log
 
@@ -439,6 +441,9 @@ class StepLoss(NamedTuple):
 LOOKUP_TYPES = ("colour", "shape", "direction", "position")
 # The one head of each --lookup-layers layer that the lookup loss trains; the layers' other heads stay free.
 LOOKUP_HEAD = 0
+# The one head of --cls-read-layer that the [CLS]-read loss trains: another head than LOOKUP_HEAD, so that
+# both losses can train the same layer.
+CLS_READ_HEAD = 1
 
 
 def object_tokens(clip) -> torch.Tensor:
@@ -448,6 +453,19 @@ def object_tokens(clip) -> torch.Tensor:
     t, _, k = owner.shape
     spans = np.concatenate([np.zeros((t, 1, k), dtype=bool), owner], axis=1)  # (T, N, K)
     return torch.from_numpy(spans.reshape(-1, k).T.copy())  # (K, V)
+
+
+def cls_tokens(frames: int, span: int) -> torch.Tensor:
+    """(V,) bool: each frame's [CLS], the first of its ``span`` = 1 + P video tokens."""
+    return (torch.arange(frames * span) % span) == 0
+
+
+def answering_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t), each (N,): the position of every turn that predicts the turn's first answer token (its last
+    prompt token, the one inference answers from), from ``target`` (B, S-1), the labels shifted by one."""
+    before = F.pad(target, (1, 0), value=-100)[:, :-1]  # (B, S-1) the label one position earlier
+    b, t = ((target != -100) & (before == -100)).nonzero().unbind(1)  # (N,)
+    return b, t
 
 
 def head_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -478,8 +496,7 @@ def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.
     Departs from LLaVA-style training on purpose: an auxiliary objective for the lookup that the answer loss
     alone teaches too slowly here (docs/demo_model.md). It only shapes attention; every visual token stays in.
     """
-    before = F.pad(target, (1, 0), value=-100)[:, :-1]  # (B, S-1) the label one position earlier
-    b, t = ((target != -100) & (before == -100)).nonzero().unbind(1)  # (N,) each turn's predicting position
+    b, t = answering_positions(target)  # (N,)
     turn = segments[b, t] - 1  # (N,) turn index in its conversation
     rows, masks = [], []
     for n, (r, k) in enumerate(zip(b.tolist(), turn.tolist(), strict=True)):
@@ -503,19 +520,40 @@ def lookup_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.
     return torch.stack(losses).mean()
 
 
+def cls_read_loss(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], layer: int,
+                  mask: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, cls: torch.Tensor,
+                  video_id: int) -> torch.Tensor:
+    """Mean over every turn of −log(attention mass on the frames' [CLS] tokens ``cls`` (V,) bool), in head
+    CLS_READ_HEAD of ``layer`` at the token that predicts the turn's first answer token; ``hidden`` and
+    ``rotary`` are what that layer's attention module was called with, ``mask`` (B, 1, S, S) its turn mask.
+
+    Our addition, not in LLaVA-style training: runs whose language model reads the [CLS] tokens keep their
+    answers when patches are pruned, and the lookup loss alone lets that reading fade (docs/demo_model.md).
+    [CLS] tokens are never pruned, so a head on them is what pruning cannot take away."""
+    b, t = answering_positions(target)  # (N,)
+    start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
+    cols = start[b].unsqueeze(1) + cls.nonzero().squeeze(1)  # (N, T)
+    attn = model.model.language_model.layers[layer].self_attn
+    weights = head_attention(attn, hidden, *rotary, mask, b, t, CLS_READ_HEAD)  # (N, S)
+    return -torch.log(weights.gather(1, cols).sum(-1) + 1e-6).mean()
+
+
 def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                 objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
-                lookup_types: tuple[str, ...] = LOOKUP_TYPES) -> StepLoss:
+                lookup_types: tuple[str, ...] = LOOKUP_TYPES, cls: torch.Tensor | None = None,
+                cls_read_layer: int = 0) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
-    ``lookup_loss`` over the turns of ``lookup_types``."""
+    ``lookup_loss`` over the turns of ``lookup_types``; with ``cls`` (V,) (``cls_tokens``), also
+    ``cls_read_loss`` in ``cls_read_layer``."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
     inputs: dict[int, tuple] = {}
     hooks = []
-    if objects is not None:
-        for layer in lookup_layers:  # a pre-hook sees what the attention module gets; nothing is replaced
+    hooked = set(lookup_layers if objects is not None else ()) | ({cls_read_layer} if cls is not None else set())
+    if hooked:
+        for layer in sorted(hooked):  # a pre-hook sees what the attention module gets; nothing is replaced
             def keep(_module, _args, kwargs, layer=layer):
                 inputs[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
             attn = model.model.language_model.layers[layer].self_attn
@@ -526,13 +564,16 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
             x = embed(model, ids, feats, enc.video_id)  # (B, S, D)
             mask = turn_mask(segments, x.dtype)  # (B, 1, S, S)
             logits = lm_logits(model, x, mask, pos, position_ids)  # (K, vocab)
-            extra = (lookup_loss(model, inputs, mask, ids, target, segments, convs, objects, enc.video_id,
-                                 lookup_types) if inputs else torch.zeros(()))
+            looked = {layer: inputs[layer] for layer in lookup_layers} if objects is not None else {}
+            extra = (lookup_loss(model, looked, mask, ids, target, segments, convs, objects, enc.video_id,
+                                 lookup_types) if looked else torch.zeros(()))
+            read = (cls_read_loss(model, *inputs[cls_read_layer], cls_read_layer, mask, ids, target, cls,
+                                  enc.video_id) if cls is not None else torch.zeros(()))
     finally:
         for hook in hooks:
             hook.remove()
     loss = F.cross_entropy(logits.float(), target[pos[:, 0], pos[:, 1]])
-    return StepLoss(loss, extra, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
+    return StepLoss(loss, extra, read, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
 
 
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
@@ -579,7 +620,8 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     history = []
     step = 0
     next_eval = args.eval_every_s
-    run_loss = run_lookup = 0.0
+    run_loss = run_lookup = run_read = 0.0
+    cls = cls_tokens(shape.num_frames, shape.tokens_per_frame) if args.cls_read_loss else None
     out_dir = Path(args.out)
     tokens_cache: dict[int, torch.Tensor] = {}
 
@@ -622,20 +664,22 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
         objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
-                           args.lookup_types)
+                           args.lookup_types, cls, args.cls_read_layer)
         opt.zero_grad(set_to_none=True)
-        (part.answer + args.lookup_loss * part.lookup).backward()
+        (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
         run_loss += part.answer.item()
         run_lookup += part.lookup.item()
+        run_read += part.cls_read.item()
         if step % args.log_every == 0:
             lookup = f" lookup {run_lookup / args.log_every:.3f}" if args.lookup_loss else ""
+            lookup += f" cls-read {run_read / args.log_every:.3f}" if args.cls_read_loss else ""
             log(f"step {step} loss {run_loss / args.log_every:.4f}{lookup} lr {lr:.2e} seq {part.seq} "
                 f"visual-token norm {part.visual_norm:.1f} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
-            run_loss = run_lookup = 0.0
+            run_loss = run_lookup = run_read = 0.0
     return {"best_accuracy": best, "steps": step, "history": history}
 
 
@@ -739,6 +783,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated language-model layers (0-based) whose head 0 --lookup-loss trains")
     ap.add_argument("--lookup-types", type=question_types, default=LOOKUP_TYPES,
                     help=f"comma-separated question types whose turns --lookup-loss trains, from {','.join(LOOKUP_TYPES)}")
+    ap.add_argument("--cls-read-loss", type=float, default=0.0,
+                    help=f"weight of the auxiliary loss that trains head {CLS_READ_HEAD} of --cls-read-layer to look, "
+                         "from the answering token, at the frames' [CLS] tokens on every turn (0: none)")
+    ap.add_argument("--cls-read-layer", type=int, default=0,
+                    help="the language-model layer (0-based) whose head --cls-read-loss trains")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -764,6 +813,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lookup-types: only {','.join(LOOKUP_TYPES)} questions name an object, got {args.lookup_types}")
     if max(args.lookup_layers) >= args.text_layers:
         ap.error(f"--lookup-layers: the language model has layers 0..{args.text_layers - 1}, got {args.lookup_layers}")
+    if args.cls_read_loss < 0:
+        ap.error(f"--cls-read-loss must be >= 0, got {args.cls_read_loss}")
+    if not 0 <= args.cls_read_layer < args.text_layers:
+        ap.error(f"--cls-read-layer: the language model has layers 0..{args.text_layers - 1}, got {args.cls_read_layer}")
+    if args.cls_read_loss and args.text_heads <= CLS_READ_HEAD:
+        ap.error(f"--cls-read-loss trains head {CLS_READ_HEAD}: needs --text-heads > {CLS_READ_HEAD}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

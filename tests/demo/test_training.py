@@ -215,6 +215,10 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     (["--lookup-loss", "-0.5"], "--lookup-loss must be >= 0"),
     (["--lookup-types", "shape,weather"], "--lookup-types"),
     (["--lookup-types", "shape,count"], "--lookup-types: only colour,shape,direction,position questions name an object"),
+    (["--cls-read-loss", "-1"], "--cls-read-loss must be >= 0"),
+    (["--cls-read-layer", "4", "--text-layers", "4"], "--cls-read-layer: the language model has layers 0..3"),
+    (["--cls-read-layer", "-1"], "--cls-read-layer"),
+    (["--cls-read-loss", "0.3", "--text-heads", "1"], "--cls-read-loss trains head 1: needs --text-heads > 1"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag(capsys, argv, message):
     train = _script()
@@ -300,3 +304,59 @@ def test_lookup_loss_trains_the_head_to_look_at_the_asked_object():
     assert losses[0] > 2.0 and losses[-1] < 0.5 * losses[0]
     without = train.answer_loss(model, enc, convs, feats, False)
     assert without.lookup.item() == 0.0
+
+
+def test_cls_tokens_are_the_first_token_of_every_frame_span():
+    train = _script()
+    cls = train.cls_tokens(3, 5)  # (V,) for 3 frames of [CLS] + 4 patches
+    assert cls.nonzero().squeeze(1).tolist() == [0, 5, 10]
+    clip = training_clip(0)
+    span = clip.object_pixel_counts().shape[1] + 1
+    assert not (train.object_tokens(clip) & train.cls_tokens(len(clip.frames), span)).any()
+
+
+def test_cls_read_loss_is_the_single_turn_prompts_attention_on_the_frames_cls_tokens():
+    """On every turn (count questions too), one head of the chosen layer, from the shared-prefix batch,
+    equals the eager attention of each single-turn prompt on the frames' [CLS] tokens."""
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train)
+    model.eval()
+    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
+                           text_heads=2, text_ffn=64)
+    cls = train.cls_tokens(shape.num_frames, shape.tokens_per_frame)  # (V,)
+    with torch.no_grad():
+        part = train.answer_loss(model, enc, convs, feats, False, objects, (1,), cls=cls, cls_read_layer=0)
+        only = train.answer_loss(model, enc, convs, feats, False, cls=cls, cls_read_layer=0)
+        model.set_attn_implementation("eager")
+        expected = []
+        for r, conv in enumerate(convs):
+            for qa in conv:
+                ids = torch.tensor([enc.first_prompt(qa.question)])  # (1, S1)
+                x = train.embed(model, ids, feats[r : r + 1], enc.video_id)
+                attn = model.model.language_model(inputs_embeds=x, output_attentions=True).attentions[0]
+                start = int((ids == enc.video_id).int().argmax(1))
+                row = attn[0, train.CLS_READ_HEAD, -1, start : start + cls.shape[0]]  # (V,) last prompt token
+                expected.append(-torch.log(row[cls].sum() + 1e-6))
+    assert len(expected) == sum(len(c) for c in convs)
+    torch.testing.assert_close(part.cls_read, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(only.cls_read, part.cls_read)
+    assert only.lookup.item() == 0.0 and part.lookup.item() > 0.0
+
+
+def test_cls_read_loss_trains_its_head_to_read_the_cls_tokens():
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train, seed=2)
+    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
+                           text_heads=2, text_ffn=64)
+    cls = train.cls_tokens(shape.num_frames, shape.tokens_per_frame)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "tower" not in n], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        part = train.answer_loss(model, enc, convs, feats, False, cls=cls, cls_read_layer=0)
+        opt.zero_grad(set_to_none=True)
+        part.cls_read.backward()
+        opt.step()
+        losses.append(part.cls_read.item())
+    # 8 of the ~520 video tokens (plus the prompt's): about −log(8 / 540) ≈ 4 untrained.
+    assert losses[0] > 3.0 and losses[-1] < 0.5 * losses[0]
+    assert train.answer_loss(model, enc, convs, feats, False).cls_read.item() == 0.0
