@@ -552,12 +552,11 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
     inputs: dict[int, tuple] = {}
     hooks = []
     hooked = set(lookup_layers if objects is not None else ()) | ({cls_read_layer} if cls is not None else set())
-    if hooked:
-        for layer in sorted(hooked):  # a pre-hook sees what the attention module gets; nothing is replaced
-            def keep(_module, _args, kwargs, layer=layer):
-                inputs[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
-            attn = model.model.language_model.layers[layer].self_attn
-            hooks.append(attn.register_forward_pre_hook(keep, with_kwargs=True))
+    for layer in sorted(hooked):  # a pre-hook sees what the attention module gets; nothing is replaced
+        def keep(_module, _args, kwargs, layer=layer):
+            inputs[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+        attn = model.model.language_model.layers[layer].self_attn
+        hooks.append(attn.register_forward_pre_hook(keep, with_kwargs=True))
     # bf16 matmuls (avx512_bf16 here) with fp32 weights, optimizer state and loss: ~1.4x the steps.
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

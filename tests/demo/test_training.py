@@ -15,6 +15,9 @@ from pipeline.synthetic import TRAIN_TYPES, training_clip, training_conversation
 from pipeline.synthetic.language import questions_of_type
 
 SCRIPT = demo_model_path().parents[2] / "scripts" / "train_demo_model.py"
+# A language model small enough to train a few steps in a test, on the shipped frame layout (8 × (1 + 64)).
+TINY = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2, text_heads=2,
+                      text_ffn=64)
 
 
 def _script():
@@ -27,8 +30,7 @@ def _script():
 def test_every_turn_of_a_shared_prefix_conversation_equals_its_single_turn_prompt():
     train = _script()
     torch.manual_seed(0)
-    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-                           text_heads=2, text_ffn=64)
+    shape = TINY
     tokenizer = build_tokenizer()
     model = VideoLlavaForConditionalGeneration(build_config(tokenizer, shape)).eval()
     enc = train.Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
@@ -249,8 +251,7 @@ def test_lookup_types_are_the_question_types_that_name_one_object():
 
 def _tiny_lookup_setup(train, seed: int = 0):
     torch.manual_seed(seed)
-    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-                           text_heads=2, text_ffn=64)
+    shape = TINY
     tokenizer = build_tokenizer()
     model = VideoLlavaForConditionalGeneration(build_config(tokenizer, shape))
     enc = train.Encoder(tokenizer, shape.num_frames * shape.tokens_per_frame)
@@ -321,9 +322,7 @@ def test_cls_read_loss_is_the_single_turn_prompts_attention_on_the_frames_cls_to
     train = _script()
     model, enc, convs, objects, feats = _tiny_lookup_setup(train)
     model.eval()
-    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-                           text_heads=2, text_ffn=64)
-    cls = train.cls_tokens(shape.num_frames, shape.tokens_per_frame)  # (V,)
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)  # (V,)
     with torch.no_grad():
         part = train.answer_loss(model, enc, convs, feats, False, objects, (1,), cls=cls, cls_read_layer=0)
         only = train.answer_loss(model, enc, convs, feats, False, cls=cls, cls_read_layer=0)
@@ -346,9 +345,7 @@ def test_cls_read_loss_is_the_single_turn_prompts_attention_on_the_frames_cls_to
 def test_cls_read_loss_trains_its_head_to_read_the_cls_tokens():
     train = _script()
     model, enc, convs, objects, feats = _tiny_lookup_setup(train, seed=2)
-    shape = DemoModelShape(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-                           text_heads=2, text_ffn=64)
-    cls = train.cls_tokens(shape.num_frames, shape.tokens_per_frame)
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "tower" not in n], lr=3e-3)
     losses = []
     for _ in range(40):
