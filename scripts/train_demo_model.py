@@ -527,9 +527,9 @@ def cls_read_loss(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch
     CLS_READ_HEAD of ``layer`` at the token that predicts the turn's first answer token; ``hidden`` and
     ``rotary`` are what that layer's attention module was called with, ``mask`` (B, 1, S, S) its turn mask.
 
-    Our addition, not in LLaVA-style training: runs whose language model reads the [CLS] tokens keep their
-    answers when patches are pruned, and the lookup loss alone lets that reading fade (docs/demo_model.md).
-    [CLS] tokens are never pruned, so a head on them is what pruning cannot take away."""
+    Our addition, not in LLaVA-style training: [CLS] tokens are never pruned, and the runs that read them kept
+    count under pruning, while the lookup loss alone lets that reading fade. Reading them is not enough by
+    itself for [CLS] pruning (docs/demo_model.md, the s5 experiment)."""
     b, t = answering_positions(target)  # (N,)
     start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
     cols = start[b].unsqueeze(1) + cls.nonzero().squeeze(1)  # (N, T)
