@@ -10,7 +10,8 @@ Stage 2  freeze the tower, cache its layer −2 hidden states for every training
          Video-LLaVA's single-turn inference prompt and no answer can be read off another turn.
          --lookup-loss adds an auxiliary loss pointing one head at the object a question names
          (--lookup-types: on the turns of those question types only); --cls-read-loss one pointing one
-         head of --cls-read-layer at the frames' [CLS] tokens on every turn.
+         head of --cls-read-layer at the frames' [CLS] tokens on every turn; --background-loss one
+         keeping every head's attention off the patches no object is drawn in.
 
 Both stages see each clip as the service reads it (--video h264, the default): written as the 4 s H.264
 file and decoded at the frames the service samples; stage-1 labels come from the rendered scene.
@@ -433,6 +434,7 @@ class StepLoss(NamedTuple):
     answer: torch.Tensor  # cross-entropy on the answer tokens
     lookup: torch.Tensor  # lookup_loss (0 when not asked for)
     cls_read: torch.Tensor  # cls_read_loss (0 when not asked for)
+    background: torch.Tensor  # background_loss (0 when not asked for)
     seq: int  # padded sequence length S, for the log
     visual_norm: float  # mean norm of the projected visual tokens, for the log
 
@@ -460,6 +462,12 @@ def cls_tokens(frames: int, span: int) -> torch.Tensor:
     return (torch.arange(frames * span) % span) == 0
 
 
+def background_tokens(objects: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """(V,) bool: the video tokens that are neither a frame's [CLS] (``cls`` (V,)) nor hold a pixel of any
+    object (``objects`` (K, V), ``object_tokens``)."""
+    return ~objects.any(0) & ~cls
+
+
 def answering_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, t), each (N,): the position of every turn that predicts the turn's first answer token (its last
     prompt token, the one inference answers from), from ``target`` (B, S-1), the labels shifted by one."""
@@ -481,6 +489,22 @@ def head_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     q = q * cos[b, t] + rotate_half(q) * sin[b, t]
     k = k * cos + rotate_half(k) * sin
     scores = torch.einsum("nd,nsd->ns", q, k[b]).float() * attn.scaling + mask[b, 0, t].float()  # (N, S)
+    return scores.softmax(-1)
+
+
+def layer_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, S) softmax weights of every head of Llama attention module ``attn`` on every row, from what
+    the module was called with (as ``head_attention``): the module's eager scores, while its forward keeps
+    the fused kernel."""
+    bsz, s, _ = hidden.shape
+    hd = attn.head_dim
+    q = attn.q_proj(hidden).view(bsz, s, -1, hd).transpose(1, 2)  # (B, H, S, hd)
+    k = attn.k_proj(hidden).view(bsz, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
+    q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+    k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, S, hd)
+    scores = (q @ k.transpose(2, 3)).float() * attn.scaling + mask.float()  # (B, H, S, S)
     return scores.softmax(-1)
 
 
@@ -538,20 +562,49 @@ def cls_read_loss(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch
     return -torch.log(weights.gather(1, cols).sum(-1) + 1e-6).mean()
 
 
+def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.Tensor,
+                    segments: torch.Tensor, background: torch.Tensor, video_id: int) -> torch.Tensor:
+    """Mean over the layers of ``inputs``, their heads and every query row that is not itself background of
+    the attention mass on background video tokens (``background`` (B, V), ``background_tokens``). The rows
+    are every text token from the video on ([CLS], object patches, each turn's question and answer): all
+    that [CLS] pruning keeps. ``inputs[layer]`` is what that layer's attention module was called with, ``mask``
+    (B, 1, S, S) its turn mask.
+
+    Our addition, not in LLaVA-style training: a model that averages over background patches answers from an
+    average that [CLS] pruning (which keeps objects, not background) shifts and random selection keeps (the
+    s5 experiment, docs/demo_model.md). Every visual token stays in; only where attention goes is shaped, and
+    a row may still put its mass on the prompt, the [CLS] tokens or objects."""
+    bsz, s = ids.shape
+    start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
+    cols = start.unsqueeze(1) + torch.arange(background.shape[1])  # (B, V)
+    keys = torch.zeros(bsz, s, dtype=torch.bool).scatter(1, cols, background)  # (B, S) background tokens
+    rows = (torch.arange(s) >= start.unsqueeze(1)) & ~keys & (segments >= 0)  # (B, S)
+    losses = []
+    for layer, (hidden, (cos, sin)) in inputs.items():
+        attn = model.model.language_model.layers[layer].self_attn
+        weights = layer_attention(attn, hidden, cos, sin, mask)  # (B, H, S, S)
+        mass = torch.einsum("bhqk,bk->bqh", weights, keys.float()).mean(-1)  # (B, S) heads averaged
+        losses.append(mass[rows].mean())
+    return torch.stack(losses).mean()
+
+
 def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                 objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
                 lookup_types: tuple[str, ...] = LOOKUP_TYPES, cls: torch.Tensor | None = None,
-                cls_read_layer: int = 0) -> StepLoss:
+                cls_read_layer: int = 0, background: torch.Tensor | None = None) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
     ``lookup_loss`` over the turns of ``lookup_types``; with ``cls`` (V,) (``cls_tokens``), also
-    ``cls_read_loss`` in ``cls_read_layer``."""
+    ``cls_read_loss`` in ``cls_read_layer``; with ``background`` (B, V) (``background_tokens``), also
+    ``background_loss`` over every layer."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
     inputs: dict[int, tuple] = {}
     hooks = []
     hooked = set(lookup_layers if objects is not None else ()) | ({cls_read_layer} if cls is not None else set())
+    if background is not None:
+        hooked |= set(range(len(model.model.language_model.layers)))
     for layer in sorted(hooked):  # a pre-hook sees what the attention module gets; nothing is replaced
         def keep(_module, _args, kwargs, layer=layer):
             inputs[layer] = (kwargs["hidden_states"], kwargs["position_embeddings"])
@@ -568,11 +621,13 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                                  lookup_types) if looked else torch.zeros(()))
             read = (cls_read_loss(model, *inputs[cls_read_layer], cls_read_layer, mask, ids, target, cls,
                                   enc.video_id) if cls is not None else torch.zeros(()))
+            away = (background_loss(model, inputs, mask, ids, segments, background, enc.video_id)
+                    if background is not None else torch.zeros(()))
     finally:
         for hook in hooks:
             hook.remove()
     loss = F.cross_entropy(logits.float(), target[pos[:, 0], pos[:, 1]])
-    return StepLoss(loss, extra, read, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
+    return StepLoss(loss, extra, read, away, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
 
 
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
@@ -619,8 +674,9 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     history = []
     step = 0
     next_eval = args.eval_every_s
-    run_loss = run_lookup = run_read = 0.0
-    cls = cls_tokens(shape.num_frames, shape.tokens_per_frame) if args.cls_read_loss else None
+    run_loss = run_lookup = run_read = run_away = 0.0
+    every_cls = cls_tokens(shape.num_frames, shape.tokens_per_frame)  # (V,)
+    cls = every_cls if args.cls_read_loss else None
     out_dir = Path(args.out)
     tokens_cache: dict[int, torch.Tensor] = {}
 
@@ -662,23 +718,28 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             idx = rng.integers(0, len(clips), size=args.batch)
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
         objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
+        background = (torch.stack([background_tokens(object_tokens_of(int(i)), every_cls) for i in idx])
+                      if args.background_loss else None)  # (B, V)
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
-                           args.lookup_types, cls, args.cls_read_layer)
+                           args.lookup_types, cls, args.cls_read_layer, background)
         opt.zero_grad(set_to_none=True)
-        (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read).backward()
+        (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read
+         + args.background_loss * part.background).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
         run_loss += part.answer.item()
         run_lookup += part.lookup.item()
         run_read += part.cls_read.item()
+        run_away += part.background.item()
         if step % args.log_every == 0:
             lookup = f" lookup {run_lookup / args.log_every:.3f}" if args.lookup_loss else ""
             lookup += f" cls-read {run_read / args.log_every:.3f}" if args.cls_read_loss else ""
+            lookup += f" background {run_away / args.log_every:.3f}" if args.background_loss else ""
             log(f"step {step} loss {run_loss / args.log_every:.4f}{lookup} lr {lr:.2e} seq {part.seq} "
                 f"visual-token norm {part.visual_norm:.1f} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
-            run_loss = run_lookup = run_read = 0.0
+            run_loss = run_lookup = run_read = run_away = 0.0
     return {"best_accuracy": best, "steps": step, "history": history}
 
 
@@ -787,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
                          "from the answering token, at the frames' [CLS] tokens on every turn (0: none)")
     ap.add_argument("--cls-read-layer", type=int, default=0,
                     help="the language-model layer (0-based) whose head --cls-read-loss trains")
+    ap.add_argument("--background-loss", type=float, default=0.0,
+                    help="weight of the auxiliary loss that trains every head of every layer to put little attention, "
+                         "from every token but background patches, on the patches no object is drawn in (0: none)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -818,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cls-read-layer: the language model has layers 0..{args.text_layers - 1}, got {args.cls_read_layer}")
     if args.cls_read_loss and args.text_heads <= CLS_READ_HEAD:
         ap.error(f"--cls-read-loss trains head {CLS_READ_HEAD}: needs --text-heads > {CLS_READ_HEAD}")
+    if args.background_loss < 0:
+        ap.error(f"--background-loss must be >= 0, got {args.background_loss}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

@@ -218,6 +218,7 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     (["--lookup-types", "shape,weather"], "--lookup-types"),
     (["--lookup-types", "shape,count"], "--lookup-types: only colour,shape,direction,position questions name an object"),
     (["--cls-read-loss", "-1"], "--cls-read-loss must be >= 0"),
+    (["--background-loss", "-0.5"], "--background-loss must be >= 0"),
     (["--cls-read-layer", "4", "--text-layers", "4"], "--cls-read-layer: the language model has layers 0..3"),
     (["--cls-read-layer", "-1"], "--cls-read-layer"),
     (["--cls-read-loss", "0.3", "--text-heads", "1"], "--cls-read-loss trains head 1: needs --text-heads > 1"),
@@ -357,3 +358,67 @@ def test_cls_read_loss_trains_its_head_to_read_the_cls_tokens():
     # 8 of the ~520 video tokens (plus the prompt's): about −log(8 / 540) ≈ 4 untrained.
     assert losses[0] > 3.0 and losses[-1] < 0.5 * losses[0]
     assert train.answer_loss(model, enc, convs, feats, False).cls_read.item() == 0.0
+
+
+def test_background_tokens_are_neither_a_cls_nor_a_patch_an_object_is_drawn_in():
+    train = _script()
+    clip = training_clip(0)
+    span = clip.object_pixel_counts().shape[1] + 1
+    objects, cls = train.object_tokens(clip), train.cls_tokens(len(clip.frames), span)  # (K, V), (V,)
+    background = train.background_tokens(objects, cls)  # (V,)
+    assert background.shape == cls.shape
+    assert not (background & cls).any() and not (background & objects.any(0)).any()
+    assert (background | cls | objects.any(0)).all()
+    # Objects are small: most of the frame is background.
+    assert 0.5 < background.float().mean() < 0.98
+
+
+def test_background_loss_is_the_single_turn_prompts_attention_on_background_patches():
+    """Every layer, every head, every row from the video on that is not background (the clip's [CLS] and
+    object rows once, each turn's question and answer tokens): from the shared-prefix batch, equal to the
+    eager attention of each turn run alone on the background patches."""
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train)
+    model.eval()
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)  # (V,)
+    background = torch.stack([train.background_tokens(o, cls) for o in objects])  # (B, V)
+    v = background.shape[1]
+    with torch.no_grad():
+        part = train.answer_loss(model, enc, convs, feats, False, background=background)
+        model.set_attn_implementation("eager")
+        rows_mass = []  # (L, R) per piece: the batch's rows, each once
+        for r, conv in enumerate(convs):
+            for turn, qa in enumerate(conv):
+                prompt_ids = enc.first_prompt(qa.question)
+                ids = torch.tensor([prompt_ids + enc.tok(qa.answer, add_special_tokens=False).input_ids
+                                    + [enc.eos]])  # (1, S1) the turn alone, answer included
+                x = train.embed(model, ids, feats[r : r + 1], enc.video_id)
+                attns = model.model.language_model(inputs_embeds=x, output_attentions=True).attentions
+                start = int((ids == enc.video_id).int().argmax(1))
+                keys = torch.zeros(ids.shape[1], dtype=torch.bool)
+                keys[start : start + v] = background[r]  # (S1,)
+                mass = torch.stack([a[0, :, :, keys].sum(-1).mean(0) for a in attns])  # (L, S1) heads averaged
+                if turn == 0:  # the shared video rows: [CLS] and object patches
+                    rows_mass.append(mass[:, start : start + v][:, ~background[r]])
+                rows_mass.append(mass[:, start + v :])  # this turn's question and answer tokens
+        expected = torch.cat(rows_mass, 1).mean(1).mean()  # rows, then layers
+    torch.testing.assert_close(part.background, expected, atol=1e-5, rtol=1e-5)
+    # Untrained, attention spreads over a video that is mostly background.
+    assert part.background.item() > 0.3
+    assert train.answer_loss(model, enc, convs, feats, False).background.item() == 0.0
+
+
+def test_background_loss_trains_attention_off_the_background():
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train, seed=2)
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)
+    background = torch.stack([train.background_tokens(o, cls) for o in objects])  # (B, V)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "tower" not in n], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        part = train.answer_loss(model, enc, convs, feats, False, background=background)
+        opt.zero_grad(set_to_none=True)
+        part.background.backward()
+        opt.step()
+        losses.append(part.background.item())
+    assert losses[0] > 0.3 and losses[-1] < 0.5 * losses[0]
