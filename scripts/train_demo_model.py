@@ -492,19 +492,22 @@ def head_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return scores.softmax(-1)
 
 
-def layer_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    mask: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, S) softmax weights of every head of Llama attention module ``attn`` on every row, from what
-    the module was called with (as ``head_attention``): the module's eager scores, while its forward keeps
-    the fused kernel."""
-    bsz, s, _ = hidden.shape
+def rows_attention(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, R, S) softmax weights of every head of Llama attention module ``attn`` for the query rows
+    ``rows`` (B, R) of each sequence, from what the module was called with (as ``head_attention``): the
+    module's eager scores on R rows, while its forward keeps the fused kernel."""
+    bsz, s, d = hidden.shape
     hd = attn.head_dim
-    q = attn.q_proj(hidden).view(bsz, s, -1, hd).transpose(1, 2)  # (B, H, S, hd)
-    k = attn.k_proj(hidden).view(bsz, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
-    q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+    at = rows.unsqueeze(-1)  # (B, R, 1)
+    q = attn.q_proj(hidden.gather(1, at.expand(-1, -1, d))).view(bsz, rows.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(hidden).view(bsz, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd); q (B, H, R, hd)
+    q_cos, q_sin = cos.gather(1, at.expand(-1, -1, hd)), sin.gather(1, at.expand(-1, -1, hd))  # (B, R, hd)
+    q = q * q_cos.unsqueeze(1) + rotate_half(q) * q_sin.unsqueeze(1)
     k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, S, hd)
-    scores = (q @ k.transpose(2, 3)).float() * attn.scaling + mask.float()  # (B, H, S, S)
+    row_mask = mask[:, 0].gather(1, at.expand(-1, -1, s)).unsqueeze(1)  # (B, 1, R, S)
+    scores = (q @ k.transpose(2, 3)).float() * attn.scaling + row_mask.float()  # (B, H, R, S)
     return scores.softmax(-1)
 
 
@@ -563,12 +566,14 @@ def cls_read_loss(model, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch
 
 
 def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.Tensor,
-                    segments: torch.Tensor, background: torch.Tensor, video_id: int) -> torch.Tensor:
+                    segments: torch.Tensor, background: torch.Tensor, video_id: int,
+                    sample: int = 0) -> torch.Tensor:
     """Mean over the layers of ``inputs``, their heads and every query row that is not itself background of
     the attention mass on background video tokens (``background`` (B, V), ``background_tokens``). The rows
     are every text token from the video on ([CLS], object patches, each turn's question and answer): all
     that [CLS] pruning keeps. ``inputs[layer]`` is what that layer's attention module was called with, ``mask``
-    (B, 1, S, S) its turn mask.
+    (B, 1, S, S) its turn mask. ``sample`` > 0: that many of each sequence's rows, drawn at random (the mean's
+    estimate at a fraction of its cost: the full (B, H, S, S) weights of every layer made steps 4x slower).
 
     Our addition, not in LLaVA-style training: a model that averages over background patches answers from an
     average that [CLS] pruning (which keeps objects, not background) shifts and random selection keeps (the
@@ -578,25 +583,30 @@ def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: to
     start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
     cols = start.unsqueeze(1) + torch.arange(background.shape[1])  # (B, V)
     keys = torch.zeros(bsz, s, dtype=torch.bool).scatter(1, cols, background)  # (B, S) background tokens
-    rows = (torch.arange(s) >= start.unsqueeze(1)) & ~keys & (segments >= 0)  # (B, S)
+    eligible = (torch.arange(s) >= start.unsqueeze(1)) & ~keys & (segments >= 0)  # (B, S)
+    # Eligible rows first (at random when sampling); the rest of a short sequence's R fill is left out by `valid`.
+    order = (torch.rand(bsz, s) if sample else torch.zeros(bsz, s)).masked_fill(~eligible, -1.0)
+    rows = order.topk(min(sample, s) if sample else int(eligible.sum(1).max()), dim=1).indices  # (B, R)
+    valid = eligible.gather(1, rows)  # (B, R)
     losses = []
     for layer, (hidden, (cos, sin)) in inputs.items():
         attn = model.model.language_model.layers[layer].self_attn
-        weights = layer_attention(attn, hidden, cos, sin, mask)  # (B, H, S, S)
-        mass = torch.einsum("bhqk,bk->bqh", weights, keys.float()).mean(-1)  # (B, S) heads averaged
-        losses.append(mass[rows].mean())
+        weights = rows_attention(attn, hidden, cos, sin, mask, rows)  # (B, H, R, S)
+        mass = torch.einsum("bhrk,bk->brh", weights, keys.float()).mean(-1)  # (B, R) heads averaged
+        losses.append(mass[valid].mean())
     return torch.stack(losses).mean()
 
 
 def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                 objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
                 lookup_types: tuple[str, ...] = LOOKUP_TYPES, cls: torch.Tensor | None = None,
-                cls_read_layer: int = 0, background: torch.Tensor | None = None) -> StepLoss:
+                cls_read_layer: int = 0, background: torch.Tensor | None = None,
+                background_rows: int = 0) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
     ``lookup_loss`` over the turns of ``lookup_types``; with ``cls`` (V,) (``cls_tokens``), also
     ``cls_read_loss`` in ``cls_read_layer``; with ``background`` (B, V) (``background_tokens``), also
-    ``background_loss`` over every layer."""
+    ``background_loss`` over every layer (on ``background_rows`` rows per clip drawn at random; 0: all)."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
@@ -621,7 +631,7 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                                  lookup_types) if looked else torch.zeros(()))
             read = (cls_read_loss(model, *inputs[cls_read_layer], cls_read_layer, mask, ids, target, cls,
                                   enc.video_id) if cls is not None else torch.zeros(()))
-            away = (background_loss(model, inputs, mask, ids, segments, background, enc.video_id)
+            away = (background_loss(model, inputs, mask, ids, segments, background, enc.video_id, background_rows)
                     if background is not None else torch.zeros(()))
     finally:
         for hook in hooks:
@@ -721,7 +731,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         background = (torch.stack([background_tokens(object_tokens_of(int(i)), every_cls) for i in idx])
                       if args.background_loss else None)  # (B, V)
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
-                           args.lookup_types, cls, args.cls_read_layer, background)
+                           args.lookup_types, cls, args.cls_read_layer, background, args.background_rows)
         opt.zero_grad(set_to_none=True)
         (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read
          + args.background_loss * part.background).backward()
@@ -851,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background-loss", type=float, default=0.0,
                     help="weight of the auxiliary loss that trains every head of every layer to put little attention, "
                          "from every token but background patches, on the patches no object is drawn in (0: none)")
+    ap.add_argument("--background-rows", type=int, default=64,
+                    help="query rows per clip, drawn at random each step, that --background-loss averages over")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
     ap.add_argument("--eval-questions", type=int, default=200,
                     help="validation questions checked while training (own seed: the held-out set stays unseen)")
@@ -884,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--cls-read-loss trains head {CLS_READ_HEAD}: needs --text-heads > {CLS_READ_HEAD}")
     if args.background_loss < 0:
         ap.error(f"--background-loss must be >= 0, got {args.background_loss}")
+    if args.background_rows < 1:
+        ap.error(f"--background-rows must be >= 1, got {args.background_rows}")
     args.start_time = time.time()
     torch.set_num_threads(2)
     if args.evaluate_only:

@@ -219,6 +219,7 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     (["--lookup-types", "shape,count"], "--lookup-types: only colour,shape,direction,position questions name an object"),
     (["--cls-read-loss", "-1"], "--cls-read-loss must be >= 0"),
     (["--background-loss", "-0.5"], "--background-loss must be >= 0"),
+    (["--background-rows", "0"], "--background-rows must be >= 1"),
     (["--cls-read-layer", "4", "--text-layers", "4"], "--cls-read-layer: the language model has layers 0..3"),
     (["--cls-read-layer", "-1"], "--cls-read-layer"),
     (["--cls-read-loss", "0.3", "--text-heads", "1"], "--cls-read-loss trains head 1: needs --text-heads > 1"),
@@ -406,6 +407,24 @@ def test_background_loss_is_the_single_turn_prompts_attention_on_background_patc
     # Untrained, attention spreads over a video that is mostly background.
     assert part.background.item() > 0.3
     assert train.answer_loss(model, enc, convs, feats, False).background.item() == 0.0
+
+
+def test_background_loss_on_rows_drawn_at_random_estimates_the_mean_over_every_row():
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train)
+    model.eval()
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)
+    background = torch.stack([train.background_tokens(o, cls) for o in objects])  # (B, V)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        every = train.answer_loss(model, enc, convs, feats, False, background=background).background
+        # More rows asked for than a sequence has: every eligible row, once.
+        torch.testing.assert_close(train.answer_loss(model, enc, convs, feats, False, background=background,
+                                                     background_rows=4096).background, every)
+        drawn = torch.stack([train.answer_loss(model, enc, convs, feats, False, background=background,
+                                               background_rows=16).background for _ in range(12)])
+    assert drawn.std() > 0  # the draws differ
+    assert abs(drawn.mean().item() - every.item()) < 0.05
 
 
 def test_background_loss_trains_attention_off_the_background():
