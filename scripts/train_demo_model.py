@@ -570,8 +570,8 @@ def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: to
                     sample: int = 0) -> torch.Tensor:
     """Mean over the layers of ``inputs``, their heads and every query row that is not itself background of
     the attention mass on background video tokens (``background`` (B, V), ``background_tokens``). The rows
-    are every text token from the video on ([CLS], object patches, each turn's question and answer): all
-    that [CLS] pruning keeps. ``inputs[layer]`` is what that layer's attention module was called with, ``mask``
+    are every token from the first video token on that is not background ([CLS], object patches, each turn's
+    question and answer tokens): what [CLS] pruning mostly keeps. ``inputs[layer]`` is what that layer's attention module was called with, ``mask``
     (B, 1, S, S) its turn mask. ``sample`` > 0: that many of each sequence's rows, drawn at random (the mean's
     estimate at a fraction of its cost: the full (B, H, S, S) weights of every layer made steps 4x slower).
 
