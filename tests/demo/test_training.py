@@ -105,6 +105,8 @@ def test_keep_every_eval_saves_each_validated_checkpoint_beside_the_best(tmp_pat
     summaries = [json.loads((tmp_path / k / "training_summary.json").read_text()) for k in kept]
     assert [s["eval"]["step"] for s in summaries] == [0, 1, 2]
     best = max(summaries, key=lambda s: s["eval"]["accuracy"])  # max() keeps the first of equals, as training does
+    # Neither --bf16 nor --no-bf16 given: the run records what this CPU chose, never "None".
+    assert {s["args"]["bf16"] for s in summaries} == {str(train.native_bf16())}
     assert json.loads((out / "training_summary.json").read_text())["eval"] == best["eval"]
 
     name = "language_model.model.layers.0.mlp.down_proj.weight"
@@ -207,6 +209,13 @@ def test_patch_column_probe_reads_a_column_that_the_tokens_carry_and_not_one_the
     placed[..., :8] += 4 * torch.nn.functional.one_hot(torch.arange(patches) % 8, 8)  # column written in
     assert train.patch_column_probe(placed, on_object.numpy()) > 0.95
     assert train.patch_column_probe(noise, on_object.numpy()) < 0.3  # chance is 1/8
+
+
+@pytest.mark.parametrize(("asked", "native", "used"), [
+    (None, True, True), (None, False, False), (True, False, True), (False, True, False), (True, True, True),
+])
+def test_bf16_autocast_is_on_where_the_cpu_has_bf16_matmuls_unless_a_flag_says_otherwise(asked, native, used):
+    assert _script().use_bf16(asked, native) is used
 
 
 @pytest.mark.parametrize(("argv", "message"), [
