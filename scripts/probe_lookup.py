@@ -5,7 +5,7 @@ it does not say why. This takes a checkpoint's vision tower (frozen, as stage 2 
 projector + language model on top (initialised from ``--seed``), and trains them for a few hundred steps
 on one-turn conversations about clips that all hold ``--objects`` objects and no event, asking only
 ``--types``, with stage 2's own code (`scripts/train_demo_model.py`: feature cache, prompt, turn mask,
-bf16). Held-out clips of the same kind (their own seed) are scored every ``--eval-every`` steps.
+bf16 where the CPU has it). Held-out clips of the same kind (their own seed) are scored every ``--eval-every`` steps.
 
 With one object no binding is needed ("what shape is the red object ?" has the clip's only shape as its
 answer), so a type learnt there but not with three objects is limited by the lookup the language model
@@ -124,6 +124,7 @@ def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips
                             lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     history = [{"step": 0, "loss": None, "by_type": score(model, enc, held_feats, asked, tokenizer)}]
     model.train()
+    bf16 = stage2.native_bf16()  # stage 2's default: emulated bf16 made this probe ~10x slower on an AVX2 CPU
     run_loss, run_lookup, t_train = 0.0, 0.0, time.time()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # stage 2's warm-up, then a constant rate: a probe, not a schedule
@@ -131,7 +132,8 @@ def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips
         idx = rng.integers(0, len(train), size=batch)  # (B,)
         convs = [[pools[i][int(rng.integers(len(pools[i])))]] for i in idx]
         objects = [tokens[i] for i in idx] if lookup_loss else None
-        part = stage2.answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], True, objects, lookup_layers)
+        part = stage2.answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], bf16, objects,
+                                   lookup_layers)
         opt.zero_grad(set_to_none=True)
         (part.answer + lookup_loss * part.lookup).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
