@@ -5,7 +5,8 @@ it does not say why. This takes a checkpoint's vision tower (frozen, as stage 2 
 projector + language model on top (initialised from ``--seed``), and trains them for a few hundred steps
 on one-turn conversations about clips that all hold ``--objects`` objects and no event, asking only
 ``--types``, with stage 2's own code (`scripts/train_demo_model.py`: feature cache, prompt, turn mask,
-bf16 where the CPU has it). Held-out clips of the same kind (their own seed) are scored every ``--eval-every`` steps.
+bf16 where the CPU has it). Held-out clips of the same kind (their own seed) are scored every
+``--eval-every`` steps.
 
 With one object no binding is needed ("what shape is the red object ?" has the clip's only shape as its
 answer), so a type learnt there but not with three objects is limited by the lookup the language model

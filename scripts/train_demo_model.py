@@ -571,9 +571,10 @@ def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: to
     """Mean over the layers of ``inputs``, their heads and every query row that is not itself background of
     the attention mass on background video tokens (``background`` (B, V), ``background_tokens``). The rows
     are every token from the first video token on that is not background ([CLS], object patches, each turn's
-    question and answer tokens): what [CLS] pruning mostly keeps. ``inputs[layer]`` is what that layer's attention module was called with, ``mask``
-    (B, 1, S, S) its turn mask. ``sample`` > 0: that many of each sequence's rows, drawn at random (the mean's
-    estimate at a fraction of its cost: the full (B, H, S, S) weights of every layer made steps 4x slower).
+    question and answer tokens): what [CLS] pruning mostly keeps. ``inputs[layer]`` is what that layer's
+    attention module was called with, ``mask`` (B, 1, S, S) its turn mask. ``sample`` > 0: that many of
+    each sequence's rows, drawn at random (the mean's estimate at a fraction of its cost: the full
+    (B, H, S, S) weights of every layer made steps 4x slower).
 
     Our addition, not in LLaVA-style training: a model that averages over background patches answers from an
     average that [CLS] pruning (which keeps objects, not background) shifts and random selection keeps (the
