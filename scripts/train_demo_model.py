@@ -462,10 +462,11 @@ def cls_tokens(frames: int, span: int) -> torch.Tensor:
     return (torch.arange(frames * span) % span) == 0
 
 
-def background_tokens(objects: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+def background_tokens(objects: torch.Tensor, cls: torch.Tensor, with_cls: bool = False) -> torch.Tensor:
     """(V,) bool: the video tokens that are neither a frame's [CLS] (``cls`` (V,)) nor hold a pixel of any
-    object (``objects`` (K, V), ``object_tokens``)."""
-    return ~objects.any(0) & ~cls
+    object (``objects`` (K, V), ``object_tokens``); ``with_cls``: the [CLS] tokens too, every token but the
+    objects' patches (``--background-cls``)."""
+    return ~objects.any(0) & (torch.ones_like(cls) if with_cls else ~cls)
 
 
 def answering_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -729,7 +730,8 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
             idx = rng.integers(0, len(clips), size=args.batch)
             convs = [training_conversation(clips[i], rng, args.turns) for i in idx]
         objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
-        background = (torch.stack([background_tokens(object_tokens_of(int(i)), every_cls) for i in idx])
+        background = (torch.stack([background_tokens(object_tokens_of(int(i)), every_cls, args.background_cls)
+                                   for i in idx])
                       if args.background_loss else None)  # (B, V)
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
                            args.lookup_types, cls, args.cls_read_layer, background, args.background_rows)
@@ -875,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background-loss", type=float, default=0.0,
                     help="weight of the auxiliary loss that trains every head of every layer to put little attention, "
                          "from every token but background patches, on the patches no object is drawn in (0: none)")
+    ap.add_argument("--background-cls", action="store_true",
+                    help="--background-loss keeps attention off the frames' [CLS] tokens too, so the language model "
+                         "answers from the object patches, which [CLS] selection keeps and random selection drops")
     ap.add_argument("--background-rows", type=int, default=64,
                     help="query rows per clip, drawn at random each step, that --background-loss averages over")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
@@ -912,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--background-loss must be >= 0, got {args.background_loss}")
     if args.background_rows < 1:
         ap.error(f"--background-rows must be >= 1, got {args.background_rows}")
+    if args.background_cls and not args.background_loss:
+        ap.error("--background-cls needs --background-loss > 0: it widens that term's keys")
     native = native_bf16()
     args.bf16 = use_bf16(args.bf16, native)
     if args.bf16 and not native:

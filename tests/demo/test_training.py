@@ -229,6 +229,7 @@ def test_bf16_autocast_is_on_where_the_cpu_has_bf16_matmuls_unless_a_flag_says_o
     (["--cls-read-loss", "-1"], "--cls-read-loss must be >= 0"),
     (["--background-loss", "-0.5"], "--background-loss must be >= 0"),
     (["--background-rows", "0"], "--background-rows must be >= 1"),
+    (["--background-cls"], "--background-cls needs --background-loss > 0"),
     (["--cls-read-layer", "4", "--text-layers", "4"], "--cls-read-layer: the language model has layers 0..3"),
     (["--cls-read-layer", "-1"], "--cls-read-layer"),
     (["--cls-read-loss", "0.3", "--text-heads", "1"], "--cls-read-loss trains head 1: needs --text-heads > 1"),
@@ -383,15 +384,27 @@ def test_background_tokens_are_neither_a_cls_nor_a_patch_an_object_is_drawn_in()
     assert 0.5 < background.float().mean() < 0.98
 
 
-def test_background_loss_is_the_single_turn_prompts_attention_on_background_patches():
+def test_background_cls_makes_every_token_but_the_objects_patches_background():
+    train = _script()
+    _, _, _, objects, _ = _tiny_lookup_setup(train)
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)  # (V,)
+    for o in objects:
+        wide = train.background_tokens(o, cls, with_cls=True)  # (V,)
+        assert torch.equal(wide, ~o.any(0))
+        assert wide[cls].all()
+        assert torch.equal(wide & ~cls, train.background_tokens(o, cls))
+
+
+@pytest.mark.parametrize("with_cls", [False, True])
+def test_background_loss_is_the_single_turn_prompts_attention_on_background_patches(with_cls):
     """Every layer, every head, every row from the video on that is not background (the clip's [CLS] and
     object rows once, each turn's question and answer tokens): from the shared-prefix batch, equal to the
-    eager attention of each turn run alone on the background patches."""
+    eager attention of each turn run alone on the background patches (with_cls: and the [CLS] tokens)."""
     train = _script()
     model, enc, convs, objects, feats = _tiny_lookup_setup(train)
     model.eval()
     cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)  # (V,)
-    background = torch.stack([train.background_tokens(o, cls) for o in objects])  # (B, V)
+    background = torch.stack([train.background_tokens(o, cls, with_cls) for o in objects])  # (B, V)
     v = background.shape[1]
     with torch.no_grad():
         part = train.answer_loss(model, enc, convs, feats, False, background=background)
