@@ -466,7 +466,8 @@ def background_tokens(objects: torch.Tensor, cls: torch.Tensor, with_cls: bool =
     """(V,) bool: the video tokens that are neither a frame's [CLS] (``cls`` (V,)) nor hold a pixel of any
     object (``objects`` (K, V), ``object_tokens``); ``with_cls``: the [CLS] tokens too, every token but the
     objects' patches (``--background-cls``)."""
-    return ~objects.any(0) & (torch.ones_like(cls) if with_cls else ~cls)
+    outside = ~objects.any(0)  # (V,)
+    return outside if with_cls else outside & ~cls
 
 
 def answering_positions(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
