@@ -435,6 +435,7 @@ class StepLoss(NamedTuple):
     lookup: torch.Tensor  # lookup_loss (0 when not asked for)
     cls_read: torch.Tensor  # cls_read_loss (0 when not asked for)
     background: torch.Tensor  # background_loss (0 when not asked for)
+    answering_background: torch.Tensor  # answering_background_loss (0 when not asked for)
     seq: int  # padded sequence length S, for the log
     visual_norm: float  # mean norm of the projected visual tokens, for the log
 
@@ -583,14 +584,46 @@ def background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: to
     s5 experiment, docs/demo_model.md). Every visual token stays in; only where attention goes is shaped, and
     a row may still put its mass on the prompt, the [CLS] tokens or objects."""
     bsz, s = ids.shape
+    keys = background_keys(ids, background, video_id)  # (B, S)
     start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
-    cols = start.unsqueeze(1) + torch.arange(background.shape[1])  # (B, V)
-    keys = torch.zeros(bsz, s, dtype=torch.bool).scatter(1, cols, background)  # (B, S) background tokens
     eligible = (torch.arange(s) >= start.unsqueeze(1)) & ~keys & (segments >= 0)  # (B, S)
     # Eligible rows first (at random when sampling); the rest of a short sequence's R fill is left out by `valid`.
     order = (torch.rand(bsz, s) if sample else torch.zeros(bsz, s)).masked_fill(~eligible, -1.0)
     rows = order.topk(min(sample, s) if sample else int(eligible.sum(1).max()), dim=1).indices  # (B, R)
-    valid = eligible.gather(1, rows)  # (B, R)
+    return background_mass(model, inputs, mask, keys, rows, eligible.gather(1, rows))
+
+
+def answering_background_loss(model, inputs: dict[int, tuple], mask: torch.Tensor, ids: torch.Tensor,
+                              target: torch.Tensor, background: torch.Tensor, video_id: int) -> torch.Tensor:
+    """``background_loss`` on the answering rows alone: the mean over the layers of ``inputs``, their heads and
+    every turn's answering token (``answering_positions``) of the attention mass on ``background`` (B, V).
+
+    Our addition, not in LLaVA-style training: ``background_loss`` draws its rows from every non-background
+    token, of which the answering tokens are one in tens, and in s12 it moved layers 1-3 of the answering
+    token off the [CLS] tokens but left layer 0 reading them (0.44 of its attention, docs/demo_model.md);
+    this term weighs the rows inference answers from on their own."""
+    keys = background_keys(ids, background, video_id)  # (B, S)
+    b, t = answering_positions(target)  # (N,) sorted by b, then t
+    per_row = torch.bincount(b, minlength=ids.shape[0])  # (B,)
+    rank = torch.arange(len(b)) - (per_row.cumsum(0) - per_row)[b]  # (N,) the turn's index in its row
+    rows = torch.zeros(ids.shape[0], int(per_row.max()), dtype=torch.long)  # (B, R)
+    valid = torch.zeros_like(rows, dtype=torch.bool)
+    rows[b, rank] = t
+    valid[b, rank] = True
+    return background_mass(model, inputs, mask, keys, rows, valid)
+
+
+def background_keys(ids: torch.Tensor, background: torch.Tensor, video_id: int) -> torch.Tensor:
+    """(B, S) bool: ``background`` (B, V) placed at each sequence's video tokens, found by token id."""
+    start = (ids == video_id).int().argmax(1)  # (B,) first video token of each row
+    cols = start.unsqueeze(1) + torch.arange(background.shape[1])  # (B, V)
+    return torch.zeros(ids.shape, dtype=torch.bool).scatter(1, cols, background)
+
+
+def background_mass(model, inputs: dict[int, tuple], mask: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the layers of ``inputs``, their heads and the ``valid`` (B, R) query rows ``rows`` (B, R) of
+    the attention mass on ``keys`` (B, S)."""
     losses = []
     for layer, (hidden, (cos, sin)) in inputs.items():
         attn = model.model.language_model.layers[layer].self_attn
@@ -604,12 +637,13 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                 objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
                 lookup_types: tuple[str, ...] = LOOKUP_TYPES, cls: torch.Tensor | None = None,
                 cls_read_layer: int = 0, background: torch.Tensor | None = None,
-                background_rows: int = 0) -> StepLoss:
+                background_rows: int = 0, answering_background: bool = False) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
     ``lookup_loss`` over the turns of ``lookup_types``; with ``cls`` (V,) (``cls_tokens``), also
     ``cls_read_loss`` in ``cls_read_layer``; with ``background`` (B, V) (``background_tokens``), also
-    ``background_loss`` over every layer (on ``background_rows`` rows per clip drawn at random; 0: all)."""
+    ``background_loss`` over every layer (on ``background_rows`` rows per clip drawn at random; 0: all) and,
+    with ``answering_background``, ``answering_background_loss``."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
@@ -636,11 +670,14 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                                   enc.video_id) if cls is not None else torch.zeros(()))
             away = (background_loss(model, inputs, mask, ids, segments, background, enc.video_id, background_rows)
                     if background is not None else torch.zeros(()))
+            away_answering = (answering_background_loss(model, inputs, mask, ids, target, background, enc.video_id)
+                              if background is not None and answering_background else torch.zeros(()))
     finally:
         for hook in hooks:
             hook.remove()
     loss = F.cross_entropy(logits.float(), target[pos[:, 0], pos[:, 1]])
-    return StepLoss(loss, extra, read, away, ids.shape[1], x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
+    return StepLoss(loss, extra, read, away, away_answering, ids.shape[1],
+                    x[ids == enc.video_id].detach().norm(dim=-1).mean().item())
 
 
 def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
@@ -687,7 +724,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
     history = []
     step = 0
     next_eval = args.eval_every_s
-    run_loss = run_lookup = run_read = run_away = 0.0
+    run_loss = run_lookup = run_read = run_away = run_away_answering = 0.0
     every_cls = cls_tokens(shape.num_frames, shape.tokens_per_frame)  # (V,)
     cls = every_cls if args.cls_read_loss else None
     out_dir = Path(args.out)
@@ -733,12 +770,14 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         objects = [object_tokens_of(int(i)) for i in idx] if args.lookup_loss else None
         background = (torch.stack([background_tokens(object_tokens_of(int(i)), every_cls, args.background_cls)
                                    for i in idx])
-                      if args.background_loss else None)  # (B, V)
+                      if args.background_loss or args.answering_background_loss else None)  # (B, V)
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
-                           args.lookup_types, cls, args.cls_read_layer, background, args.background_rows)
+                           args.lookup_types, cls, args.cls_read_layer, background, args.background_rows,
+                           args.answering_background_loss > 0)
         opt.zero_grad(set_to_none=True)
         (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read
-         + args.background_loss * part.background).backward()
+         + args.background_loss * part.background
+         + args.answering_background_loss * part.answering_background).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         step += 1
@@ -746,14 +785,17 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
         run_lookup += part.lookup.item()
         run_read += part.cls_read.item()
         run_away += part.background.item()
+        run_away_answering += part.answering_background.item()
         if step % args.log_every == 0:
             lookup = f" lookup {run_lookup / args.log_every:.3f}" if args.lookup_loss else ""
             lookup += f" cls-read {run_read / args.log_every:.3f}" if args.cls_read_loss else ""
             lookup += f" background {run_away / args.log_every:.3f}" if args.background_loss else ""
+            lookup += (f" answering-background {run_away_answering / args.log_every:.3f}"
+                       if args.answering_background_loss else "")
             log(f"step {step} loss {run_loss / args.log_every:.4f}{lookup} lr {lr:.2e} seq {part.seq} "
                 f"visual-token norm {part.visual_norm:.1f} "
                 f"{(time.time() - t_start) / step:.2f}s/step elapsed {(time.time() - args.start_time) / 60:.1f}min")
-            run_loss = run_lookup = run_read = run_away = 0.0
+            run_loss = run_lookup = run_read = run_away = run_away_answering = 0.0
     return {"best_accuracy": best, "steps": step, "history": history}
 
 
@@ -879,8 +921,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of the auxiliary loss that trains every head of every layer to put little attention, "
                          "from every token but background patches, on the patches no object is drawn in (0: none)")
     ap.add_argument("--background-cls", action="store_true",
-                    help="--background-loss keeps attention off the frames' [CLS] tokens too, so the language model "
-                         "answers from the object patches, which [CLS] selection keeps and random selection drops")
+                    help="--background-loss (and --answering-background-loss) keeps attention off the frames' [CLS] "
+                         "tokens too, so the language model answers from the object patches, which [CLS] selection "
+                         "keeps and random selection drops")
+    ap.add_argument("--answering-background-loss", type=float, default=0.0,
+                    help="weight of the auxiliary loss that trains every head of every layer to put little attention, "
+                         "from each turn's answering token alone, on the patches no object is drawn in (0: none)")
     ap.add_argument("--background-rows", type=int, default=64,
                     help="query rows per clip, drawn at random each step, that --background-loss averages over")
     ap.add_argument("--max-steps", type=int, default=0, help="stop stage 2 after this many steps (0: time only)")
@@ -918,8 +964,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--background-loss must be >= 0, got {args.background_loss}")
     if args.background_rows < 1:
         ap.error(f"--background-rows must be >= 1, got {args.background_rows}")
-    if args.background_cls and not args.background_loss:
-        ap.error("--background-cls needs --background-loss > 0: it widens that term's keys")
+    if args.answering_background_loss < 0:
+        ap.error(f"--answering-background-loss must be >= 0, got {args.answering_background_loss}")
+    if args.background_cls and not (args.background_loss or args.answering_background_loss):
+        ap.error("--background-cls needs --background-loss or --answering-background-loss > 0: it widens their keys")
     native = native_bf16()
     args.bf16 = use_bf16(args.bf16, native)
     if args.bf16 and not native:

@@ -229,7 +229,8 @@ def test_bf16_autocast_is_on_where_the_cpu_has_bf16_matmuls_unless_a_flag_says_o
     (["--cls-read-loss", "-1"], "--cls-read-loss must be >= 0"),
     (["--background-loss", "-0.5"], "--background-loss must be >= 0"),
     (["--background-rows", "0"], "--background-rows must be >= 1"),
-    (["--background-cls"], "--background-cls needs --background-loss > 0"),
+    (["--background-cls"], "--background-cls needs --background-loss or --answering-background-loss > 0"),
+    (["--answering-background-loss", "-1"], "--answering-background-loss must be >= 0"),
     (["--cls-read-layer", "4", "--text-layers", "4"], "--cls-read-layer: the language model has layers 0..3"),
     (["--cls-read-layer", "-1"], "--cls-read-layer"),
     (["--cls-read-loss", "0.3", "--text-heads", "1"], "--cls-read-loss trains head 1: needs --text-heads > 1"),
@@ -429,6 +430,57 @@ def test_background_loss_is_the_single_turn_prompts_attention_on_background_patc
     # Untrained, attention spreads over a video that is mostly background.
     assert part.background.item() > 0.3
     assert train.answer_loss(model, enc, convs, feats, False).background.item() == 0.0
+
+
+@pytest.mark.parametrize("with_cls", [False, True])
+def test_answering_background_loss_is_each_single_turn_prompts_last_token_attention_on_the_background(with_cls):
+    """Every layer, every head, the one row each turn answers from: from the shared-prefix batch, equal to the
+    eager attention of the turn's prompt run alone, at its last token, on the background patches (with_cls:
+    and the [CLS] tokens)."""
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train)
+    model.eval()
+    # Conversations of different lengths: the shorter one's answering rows are padded, and a padded row
+    # counted would pull the mean off.
+    convs = [convs[0], convs[1][:3]]
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)  # (V,)
+    background = torch.stack([train.background_tokens(o, cls, with_cls) for o in objects])  # (B, V)
+    v = background.shape[1]
+    with torch.no_grad():
+        part = train.answer_loss(model, enc, convs, feats, False, background=background, answering_background=True)
+        model.set_attn_implementation("eager")
+        turns_mass = []  # (L,) per turn
+        for r, conv in enumerate(convs):
+            for qa in conv:
+                ids = torch.tensor([enc.first_prompt(qa.question)])  # (1, S1) the turn's prompt alone
+                x = train.embed(model, ids, feats[r : r + 1], enc.video_id)
+                attns = model.model.language_model(inputs_embeds=x, output_attentions=True).attentions
+                start = int((ids == enc.video_id).int().argmax(1))
+                keys = torch.zeros(ids.shape[1], dtype=torch.bool)
+                keys[start : start + v] = background[r]  # (S1,)
+                turns_mass.append(torch.stack([a[0, :, -1, keys].sum(-1).mean() for a in attns]))  # (L,)
+        expected = torch.stack(turns_mass).mean()
+    torch.testing.assert_close(part.answering_background, expected, atol=1e-5, rtol=1e-5)
+    assert part.answering_background.item() > 0.3
+    plain = train.answer_loss(model, enc, convs, feats, False, background=background)
+    assert plain.answering_background.item() == 0.0
+    torch.testing.assert_close(plain.background, part.background)
+
+
+def test_answering_background_loss_trains_the_answering_rows_off_the_background():
+    train = _script()
+    model, enc, convs, objects, feats = _tiny_lookup_setup(train, seed=2)
+    cls = train.cls_tokens(TINY.num_frames, TINY.tokens_per_frame)
+    background = torch.stack([train.background_tokens(o, cls, with_cls=True) for o in objects])  # (B, V)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "tower" not in n], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        part = train.answer_loss(model, enc, convs, feats, False, background=background, answering_background=True)
+        opt.zero_grad(set_to_none=True)
+        part.answering_background.backward()
+        opt.step()
+        losses.append(part.answering_background.item())
+    assert losses[0] > 0.3 and losses[-1] < 0.5 * losses[0]
 
 
 def test_background_loss_on_rows_drawn_at_random_estimates_the_mean_over_every_row():
