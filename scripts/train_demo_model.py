@@ -637,13 +637,14 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
                 objects: list[torch.Tensor] | None = None, lookup_layers: tuple[int, ...] = (),
                 lookup_types: tuple[str, ...] = LOOKUP_TYPES, cls: torch.Tensor | None = None,
                 cls_read_layer: int = 0, background: torch.Tensor | None = None,
-                background_rows: int = 0, answering_background: bool = False) -> StepLoss:
+                background_rows: int = 0, answering_background: bool = False,
+                sampled_background: bool = True) -> StepLoss:
     """Cross-entropy on the answer tokens (and their ``</s>``) of B conversations about the B clips of
     ``feats`` (B, V, C); with ``objects`` (each conversation's ``object_tokens``) and ``lookup_layers``, also
     ``lookup_loss`` over the turns of ``lookup_types``; with ``cls`` (V,) (``cls_tokens``), also
     ``cls_read_loss`` in ``cls_read_layer``; with ``background`` (B, V) (``background_tokens``), also
-    ``background_loss`` over every layer (on ``background_rows`` rows per clip drawn at random; 0: all) and,
-    with ``answering_background``, ``answering_background_loss``."""
+    ``background_loss`` over every layer (on ``background_rows`` rows per clip drawn at random; 0: all; not
+    with ``sampled_background`` False) and, with ``answering_background``, ``answering_background_loss``."""
     ids, labels, position_ids, segments = collate([enc.conversation(c) for c in convs], enc.pad)
     target = labels[:, 1:]  # token t is predicted at position t−1; a turn's labels start after its own prompt
     pos = (target != -100).nonzero()  # (K, 2)
@@ -669,7 +670,7 @@ def answer_loss(model, enc: Encoder, convs, feats: torch.Tensor, bf16: bool,
             read = (cls_read_loss(model, *inputs[cls_read_layer], cls_read_layer, mask, ids, target, cls,
                                   enc.video_id) if cls is not None else torch.zeros(()))
             away = (background_loss(model, inputs, mask, ids, segments, background, enc.video_id, background_rows)
-                    if background is not None else torch.zeros(()))
+                    if background is not None and sampled_background else torch.zeros(()))
             away_answering = (answering_background_loss(model, inputs, mask, ids, target, background, enc.video_id)
                               if background is not None and answering_background else torch.zeros(()))
     finally:
@@ -773,7 +774,7 @@ def train_lm(model, tokenizer, shape, args, tower_stats: dict) -> dict:
                       if args.background_loss or args.answering_background_loss else None)  # (B, V)
         part = answer_loss(model, enc, convs, feats[torch.from_numpy(idx)], args.bf16, objects, args.lookup_layers,
                            args.lookup_types, cls, args.cls_read_layer, background, args.background_rows,
-                           args.answering_background_loss > 0)
+                           args.answering_background_loss > 0, args.background_loss > 0)
         opt.zero_grad(set_to_none=True)
         (part.answer + args.lookup_loss * part.lookup + args.cls_read_loss * part.cls_read
          + args.background_loss * part.background

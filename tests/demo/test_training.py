@@ -465,6 +465,10 @@ def test_answering_background_loss_is_each_single_turn_prompts_last_token_attent
     plain = train.answer_loss(model, enc, convs, feats, False, background=background)
     assert plain.answering_background.item() == 0.0
     torch.testing.assert_close(plain.background, part.background)
+    alone = train.answer_loss(model, enc, convs, feats, False, background=background, answering_background=True,
+                              sampled_background=False)  # --answering-background-loss without --background-loss
+    assert alone.background.item() == 0.0
+    torch.testing.assert_close(alone.answering_background, part.answering_background)
 
 
 def test_answering_background_loss_trains_the_answering_rows_off_the_background():
