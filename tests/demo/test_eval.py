@@ -74,6 +74,9 @@ def test_small_run_json_table_and_plot(tmp_path: Path, capsys):
             sum(r["by_type"][t] * r["n_by_type"][t] for t in EVAL_TYPES) / r["n"])
         assert r["tokens_in"] == tokens_in
         assert all(c <= 0.25 for c in r["chance_by_type"].values())
+        # per-question outcomes in held-out order, and the errors computed from them
+        assert len(r["correct"]) == LIMIT and sum(r["correct"]) / LIMIT == pytest.approx(r["accuracy"])
+        assert r["accuracy_se"] == pytest.approx((r["accuracy"] * (1 - r["accuracy"]) / LIMIT) ** 0.5)
 
     by_key = {(r["method"], r["strategy"], r["reduction"], r["fastv_ratio"]): r for r in rows}
     none = by_key[("none", None, 0.0, 0.0)]
@@ -104,16 +107,36 @@ def test_small_run_json_table_and_plot(tmp_path: Path, capsys):
     assert none["accuracy"] >= UNPRUNED_MIN_ACCURACY, none
     assert none["accuracy"] - none["chance"] >= 0.1
     assert none["relative_accuracy"] == pytest.approx(1.0)
+    assert none["vs_unpruned"] == {"difference": 0.0, "se": 0.0}
+    for r in rows:
+        assert r["vs_unpruned"]["difference"] == pytest.approx(r["accuracy"] - none["accuracy"])
 
     # With --json the table goes to stderr: a header and one line per row.
     table = [line for line in captured.err.splitlines() if line.startswith(("method", "none", "random", "cls",
                                                                             "fastv"))]
     assert table[0].split()[:4] == ["method", "strategy", "reduction", "fastv"]
+    assert {"±se", "Δ"} <= set(table[0].split())
     assert len(table) == 1 + len(rows)
 
     assert plot.read_bytes()[:8] == PNG_MAGIC
     height, width = imread(plot).shape[:2]
     assert width > 600 and height > 400
+
+
+def test_paired_difference_and_its_error():
+    # 10 questions: 3 gained, 1 lost, 6 unchanged -> differences +1 x3, -1 x1, 0 x6
+    reference = [False] * 3 + [True] + [True] * 3 + [False] * 3
+    pruned = [True] * 3 + [False] + [True] * 3 + [False] * 3
+    paired = ev.paired_difference(pruned, reference)
+    diffs = np.array([1, 1, 1, -1, 0, 0, 0, 0, 0, 0])
+    assert paired["difference"] == pytest.approx(0.2)
+    assert paired["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(10))
+    # agreeing rows are paired tighter than two independent samples of their accuracies would be
+    unpaired = np.sqrt(0.6 * 0.4 / 10 + 0.4 * 0.6 / 10)
+    assert paired["se"] < unpaired
+    assert ev.paired_difference(reference, reference) == {"difference": 0.0, "se": 0.0}
+    with pytest.raises(ValueError, match="different question sets"):
+        ev.paired_difference(pruned, reference[:9])
 
 
 def test_positions_option_reaches_every_rows_config():
