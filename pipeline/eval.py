@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 from collections import defaultdict
@@ -161,11 +162,9 @@ def paired_difference(correct: list[bool], reference: list[bool]) -> dict[str, f
     """
     if len(correct) != len(reference):
         raise ValueError(f"rows answered different question sets ({len(correct)} vs {len(reference)})")
-    n = len(correct)
     diffs = [int(a) - int(b) for a, b in zip(correct, reference, strict=True)]
-    mean = sum(diffs) / n
-    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    return {"difference": mean, "se": math.sqrt(variance / n)}
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {"difference": statistics.fmean(diffs), "se": spread / math.sqrt(len(diffs))}
 
 
 def _mean(values: list[float] | list[int]) -> float:
