@@ -30,7 +30,7 @@ class Plan:
     answer_tokens: int = 8  # answers are one word and </s>; eval uses 8 too
     caption_tokens: int = 32
     reduction: float = 0.9
-    strategy: str = "uniform"
+    strategy: str = "redundancy"
     fastv_k: int = 2
     fastv_ratio: float = 0.5
     baseline_threads: int = 1
