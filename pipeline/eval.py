@@ -136,11 +136,11 @@ class RowResult:
             "fastv_ratio": self.spec.fastv_ratio,
             "positions": self.spec.positions,
             "n": n,
-            "tokens_in": _mean(self.tokens_in),
-            "encoder_kept_tokens": _mean(self.encoder_kept_tokens),
-            "kept_tokens": _mean(self.kept_tokens),
-            "flops_ratio": _mean(self.flops_ratio),
-            "prefill_flops_ratio": _mean(self.prefill_flops_ratio),
+            "tokens_in": statistics.fmean(self.tokens_in),
+            "encoder_kept_tokens": statistics.fmean(self.encoder_kept_tokens),
+            "kept_tokens": statistics.fmean(self.kept_tokens),
+            "flops_ratio": statistics.fmean(self.flops_ratio),
+            "prefill_flops_ratio": statistics.fmean(self.prefill_flops_ratio),
             "accuracy": accuracy,
             "accuracy_se": math.sqrt(accuracy * (1.0 - accuracy) / n),
             "relative_accuracy": accuracy / reference_accuracy if reference_accuracy else None,
@@ -148,7 +148,7 @@ class RowResult:
             "correct": list(self.correct),
             "by_type": by_type,
             "n_by_type": n_by_type,
-            "chance": _mean(self.chance),
+            "chance": statistics.fmean(self.chance),
             "chance_by_type": chance_by_type,
         }
 
@@ -165,10 +165,6 @@ def paired_difference(correct: list[bool], reference: list[bool]) -> dict[str, f
     diffs = [int(a) - int(b) for a, b in zip(correct, reference, strict=True)]
     spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
     return {"difference": statistics.fmean(diffs), "se": spread / math.sqrt(len(diffs))}
-
-
-def _mean(values: list[float] | list[int]) -> float:
-    return float(sum(values)) / len(values)
 
 
 def answer_options(qa: QA) -> tuple[str, ...]:
