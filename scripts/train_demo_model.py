@@ -413,6 +413,30 @@ def copy_towers(saved, model, source: Path) -> None:
         raise SystemExit(f"{source}: its vision tower does not fit this model's shape")
 
 
+def load_continued(saved, model, source: Path) -> int:
+    """Load every weight of ``saved`` into ``model``; returns how many language-model layers ``model`` has
+    beyond ``saved``'s. Those come after the saved ones, each with its attention output and MLP down projection
+    zeroed: a residual block whose output is zero adds nothing, so the grown model computes exactly what the
+    saved one did at step 0, and the added layers learn from there (``--text-layers`` deeper than the saved
+    checkpoint's). Any other difference of shape is refused."""
+    try:
+        missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    except RuntimeError as e:
+        raise SystemExit(f"{source}: its weights do not fit this model's shape ({e})") from e
+    layers = model.model.language_model.layers
+    kept = saved.config.text_config.num_hidden_layers
+    added = {f"model.language_model.layers.{i}.{k}" for i in range(kept, len(layers))
+             for k, _ in layers[i].named_parameters()}
+    if unexpected or set(missing) != added:
+        raise SystemExit(f"{source}: its weights do not fit this model's shape (missing {sorted(set(missing) - added)[:4]},"
+                         f" unexpected {sorted(unexpected)[:4]}); only --text-layers may grow")
+    with torch.no_grad():
+        for layer in layers[kept:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return len(layers) - kept
+
+
 def save_checkpoint(model, tokenizer, shape, out_dir: Path, summary: dict) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -987,10 +1011,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; args {vars(args)}")
     if args.init_from is not None:
         saved = VideoLlavaForConditionalGeneration.from_pretrained(args.init_from)
-        model.load_state_dict(saved.state_dict())
+        added = load_continued(saved, model, args.init_from)
         summary = json.loads((args.init_from / "training_summary.json").read_text())
-        tower_stats = {**summary.get("tower", {}), "continued_from": summary.get("eval", {})}
-        log(f"continuing from {args.init_from} (validation accuracy then {summary.get('eval', {}).get('accuracy')})")
+        tower_stats = {**summary.get("tower", {}), "continued_from": summary.get("eval", {}), "added_layers": added}
+        log(f"continuing from {args.init_from} (validation accuracy then {summary.get('eval', {}).get('accuracy')})"
+            + (f" with {added} language-model layers added after its {args.text_layers - added}" if added else ""))
     elif args.tower_from is not None:
         copy_towers(VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from), model, args.tower_from)
         summary = json.loads((args.tower_from / "training_summary.json").read_text())
