@@ -967,7 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(DemoModelShape(), field))
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--init-from", type=Path, default=None,
-                    help="continue from a saved checkpoint: load all its weights and skip the tower stage")
+                    help="continue from a saved checkpoint: load all its weights and skip the tower stage; a --text-layers "
+                         "above its own adds layers after its own, each starting as the identity")
     start.add_argument("--tower-from", type=Path, default=None,
                     help="take the vision tower of a saved checkpoint, skip the tower stage, train projector + LLM afresh")
     ap.add_argument("--evaluate-only", action="store_true",
