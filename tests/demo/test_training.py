@@ -130,8 +130,9 @@ def test_init_from_with_more_text_layers_adds_layers_that_start_as_identity_and_
     assert (shipped.config.text_config.num_hidden_layers, start.config.text_config.num_hidden_layers) == (4, 5)
     summary = json.loads((tmp_path / "model-step00000" / "training_summary.json").read_text())
     assert summary["tower"]["added_layers"] == 1
+    grown_weights = start.state_dict()
     for k, v in shipped.state_dict().items():  # every saved weight carried over
-        torch.testing.assert_close(start.state_dict()[k], v)
+        torch.testing.assert_close(grown_weights[k], v)
     added = start.model.language_model.layers[4]
     assert not added.self_attn.o_proj.weight.any() and not added.mlp.down_proj.weight.any()
     assert added.self_attn.q_proj.weight.any()  # the rest of the block keeps its initialisation
