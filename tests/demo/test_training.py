@@ -119,21 +119,22 @@ def test_keep_every_eval_saves_each_validated_checkpoint_beside_the_best(tmp_pat
 def test_init_from_with_more_text_layers_adds_layers_that_start_as_identity_and_then_learn(tmp_path):
     train = _script()
     out = tmp_path / "model"
-    # The bundled 4-layer checkpoint grown to 5, with the auxiliary terms that hook every layer.
-    assert train.main(["--init-from", str(demo_model_path()), "--text-layers", "5", "--out", str(out),
+    # The bundled checkpoint grown by one layer, with the auxiliary terms that hook every layer.
+    depth = VideoLlavaForConditionalGeneration.from_pretrained(demo_model_path()).config.text_config.num_hidden_layers
+    assert train.main(["--init-from", str(demo_model_path()), "--text-layers", str(depth + 1), "--out", str(out),
                        "--video", "frames", "--clips", "4", "--eval-questions", "4", "--max-steps", "2",
                        "--eval-every-s", "0", "--warmup", "1", "--keep-every-eval", "--lookup-loss", "0.3",
                        "--background-loss", "1.0"]) == 0
 
     shipped, start, end = (VideoLlavaForConditionalGeneration.from_pretrained(p)
                            for p in (demo_model_path(), tmp_path / "model-step00000", tmp_path / "model-step00002"))
-    assert (shipped.config.text_config.num_hidden_layers, start.config.text_config.num_hidden_layers) == (4, 5)
+    assert (shipped.config.text_config.num_hidden_layers, start.config.text_config.num_hidden_layers) == (depth, depth + 1)
     summary = json.loads((tmp_path / "model-step00000" / "training_summary.json").read_text())
     assert summary["tower"]["added_layers"] == 1
     grown_weights = start.state_dict()
     for k, v in shipped.state_dict().items():  # every saved weight carried over
         torch.testing.assert_close(grown_weights[k], v)
-    added = start.model.language_model.layers[4]
+    added = start.model.language_model.layers[depth]
     assert not added.self_attn.o_proj.weight.any() and not added.mlp.down_proj.weight.any()
     assert added.self_attn.q_proj.weight.any()  # the rest of the block keeps its initialisation
 
@@ -144,7 +145,7 @@ def test_init_from_with_more_text_layers_adds_layers_that_start_as_identity_and_
                                   for m in (shipped, start, end))
     torch.testing.assert_close(grown, before)  # the grown model starts as the saved one
     assert not torch.allclose(trained, before)
-    assert end.model.language_model.layers[4].self_attn.o_proj.weight.any()  # and the added layer learns
+    assert end.model.language_model.layers[depth].self_attn.o_proj.weight.any()  # and the added layer learns
 
 
 @pytest.mark.parametrize("argv", [["--text-layers", "3"], ["--text-width", "96"]], ids=["shallower", "narrower"])
