@@ -57,11 +57,14 @@ def clips(seed: int, count: int, objects: int) -> list[Clip]:
     return [render_clip(np.random.default_rng([seed, i]), event="none", num_objects=objects) for i in range(count)]
 
 
-def fresh_model(path: Path, seed: int, rope_theta: float | None = None) -> VideoLlavaForConditionalGeneration:
+def fresh_model(path: Path, seed: int, rope_theta: float | None = None,
+                text_layers: int | None = None) -> VideoLlavaForConditionalGeneration:
     """The checkpoint's towers, frozen, under a projector and language model initialised from ``seed``
-    (with ``rope_theta`` as the language model's rotary base when given)."""
+    (with ``rope_theta`` as the language model's rotary base and ``text_layers`` layers when given)."""
     saved = VideoLlavaForConditionalGeneration.from_pretrained(path)
     config = copy.deepcopy(saved.config)
+    if text_layers is not None:
+        config.text_config.num_hidden_layers = text_layers
     if rope_theta is not None:
         config.text_config.rope_parameters["rope_theta"] = rope_theta
     torch.manual_seed(seed)
@@ -94,10 +97,10 @@ def score(model, enc: stage2.Encoder, feats: torch.Tensor, asked: list[tuple[int
 def probe(path: Path, types: list[str], objects: int, *, steps: int, train_clips: int, eval_clips: int,
           batch: int, lr: float, projector_lr_scale: float, eval_every: int, video: str, seed: int,
           rope_theta: float | None = None, lookup_loss: float = 0.0, lookup_layers: tuple[int, ...] = (1, 2),
-          log=print) -> list[dict]:
+          text_layers: int | None = None, log=print) -> list[dict]:
     """Train a fresh language model on ``path``'s tower for ``steps`` steps; the scores along the way.
     ``lookup_loss`` > 0 adds stage 2's auxiliary lookup loss on ``lookup_layers`` with that weight."""
-    model = fresh_model(path, seed, rope_theta)
+    model = fresh_model(path, seed, rope_theta, text_layers)
     layers = model.config.text_config.num_hidden_layers
     if lookup_loss and max(lookup_layers) >= layers:
         raise ValueError(f"lookup_layers: the language model has layers 0..{layers - 1}, got {lookup_layers}")
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of stage 2's auxiliary lookup loss (train_demo_model.py --lookup-loss; 0: none)")
     ap.add_argument("--lookup-layers", type=stage2.layer_indices, default=(1, 2),
                     help="comma-separated layers whose head 0 the lookup loss trains")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="layers of the fresh language model (default: the checkpoint's own)")
     ap.add_argument("--json", type=Path, default=None, help="write the history here")
     args = ap.parse_args(argv)
     types = [t for t in args.types.split(",") if t]
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--objects must be in [1, {MAX_OBJECTS}], got {args.objects}")
     if args.lookup_loss < 0:
         ap.error(f"--lookup-loss must be >= 0, got {args.lookup_loss}")
+    if args.text_layers is not None and args.text_layers < 1:
+        ap.error(f"--text-layers must be >= 1, got {args.text_layers}")
     if args.steps < 1 or args.eval_every < 1 or args.batch < 1 or args.train_clips < 1 or args.eval_clips < 1:
         ap.error("--steps, --eval-every, --batch, --train-clips and --eval-clips must be positive")
     torch.set_num_threads(2)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     eval_clips=args.eval_clips, batch=args.batch, lr=args.lr,
                     projector_lr_scale=args.projector_lr_scale, eval_every=args.eval_every, video=args.video,
                     seed=args.seed, rope_theta=args.rope_theta, lookup_loss=args.lookup_loss,
-                    lookup_layers=args.lookup_layers)
+                    lookup_layers=args.lookup_layers, text_layers=args.text_layers)
     if args.json is not None:
         args.json.write_text(json.dumps(history, indent=2))
     return 0

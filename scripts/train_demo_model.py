@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import VideoLlavaForConditionalGeneration
+from transformers import AutoConfig, VideoLlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import rotate_half
 
 REPO = Path(__file__).resolve().parent.parent
@@ -963,8 +963,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=demo_model_path())
-    for field in ("text_width", "text_layers", "text_heads", "text_ffn", "vision_width", "vision_layers"):
+    for field in ("text_width", "text_heads", "text_ffn", "vision_width", "vision_layers"):
         ap.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(DemoModelShape(), field))
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help=f"language-model layers (default: --init-from's own, else {DemoModelShape().text_layers})")
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--init-from", type=Path, default=None,
                     help="continue from a saved checkpoint: load all its weights and skip the tower stage; a --text-layers "
@@ -974,6 +976,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="only measure the saved checkpoint at --out on --eval-questions held-out questions")
     args = ap.parse_args(argv)
+    if args.text_layers is None:  # continuing a checkpoint keeps its depth unless told to grow it
+        args.text_layers = (AutoConfig.from_pretrained(args.init_from).text_config.num_hidden_layers
+                            if args.init_from is not None else DemoModelShape().text_layers)
     if args.lookup_loss < 0:
         ap.error(f"--lookup-loss must be >= 0, got {args.lookup_loss}")
     if set(args.lookup_types) - set(LOOKUP_TYPES):

@@ -45,7 +45,7 @@ def test_fresh_model_keeps_the_frozen_tower_and_starts_the_language_model_from_i
 def test_a_short_probe_learns_colour_on_one_object_clips_from_the_shipped_tower(lookup):
     history = lookup.probe(demo_model_path(), ["colour"], 1, steps=45, train_clips=64, eval_clips=32, batch=8,
                            lr=3e-3, projector_lr_scale=0.1, eval_every=45, video="frames", seed=0,
-                           log=lambda _msg: None)
+                           text_layers=4, log=lambda _msg: None)  # the 4-layer probe docs/demo_model.md ran
     assert [h["step"] for h in history] == [0, 45]
     before, after = history[0]["by_type"]["colour"], history[-1]["by_type"]["colour"]
     assert before["questions"] == after["questions"] == 32  # one colour question per one-object clip
@@ -70,7 +70,7 @@ def test_lookup_layers_must_be_layer_indices_of_the_language_model(lookup, capsy
     with pytest.raises(ValueError, match="lookup_layers: the language model has layers 0..3"):
         lookup.probe(demo_model_path(), ["shape"], 3, steps=1, train_clips=1, eval_clips=1, batch=1, lr=1e-3,
                      projector_lr_scale=0.1, eval_every=1, video="frames", seed=0, lookup_loss=1.0,
-                     lookup_layers=(1, 4))
+                     lookup_layers=(1, 4), text_layers=4)
 
 
 def test_types_outside_the_training_types_are_refused(lookup, capsys):
