@@ -70,7 +70,7 @@ def test_attention_shares_partition_the_row_and_one_object_clips_have_no_other_o
     assert shares[:, 1].abs().max() == 0  # a one-object clip has no other object's patches
     area = shares[0, 5].item()
     assert 0 < area < 0.2  # a ~10 px object covers a few of 64 patches per frame
-    shares4 = probe.attention_shares(VideoQA.load(demo_model_path()), many)["colour"]
+    shares4 = probe.attention_shares(qa, many)["colour"]
     torch.testing.assert_close(shares4[:, :5].sum(-1), torch.ones(layers), atol=1e-4, rtol=0)
     assert shares4[:, 1].sum() > 0
 
