@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import VideoLlavaForConditionalGeneration
+from transformers import AutoConfig, VideoLlavaForConditionalGeneration
 
 from pipeline.demo_model import DemoModelShape, build_config, build_tokenizer, demo_model_path
 from pipeline.synthetic import TRAIN_TYPES, training_clip, training_conversation
@@ -120,7 +120,7 @@ def test_init_from_with_more_text_layers_adds_layers_that_start_as_identity_and_
     train = _script()
     out = tmp_path / "model"
     # The bundled checkpoint grown by one layer, with the auxiliary terms that hook every layer.
-    depth = VideoLlavaForConditionalGeneration.from_pretrained(demo_model_path()).config.text_config.num_hidden_layers
+    depth = AutoConfig.from_pretrained(demo_model_path()).text_config.num_hidden_layers
     assert train.main(["--init-from", str(demo_model_path()), "--text-layers", str(depth + 1), "--out", str(out),
                        "--video", "frames", "--clips", "4", "--eval-questions", "4", "--max-steps", "2",
                        "--eval-every-s", "0", "--warmup", "1", "--keep-every-eval", "--lookup-loss", "0.3",
