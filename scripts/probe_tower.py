@@ -18,6 +18,10 @@ service reads them: for random, [CLS] uniform and [CLS] redundancy selection at 
 share of kept patches that hold an object pixel and the share of (frame, visible object) pairs with at
 least one kept patch (objects covered).
 
+Last, per object (``--object-clips``, through H.264): its shape and colour from the mean of the patch
+features that hold its pixels over the clip, by a linear and an MLP probe. That bounds what the language
+model can answer about an object even if it attends to exactly that object's tokens.
+
     python scripts/probe_tower.py pipeline/assets/demo_model /path/to/other/model
 
 Shapes: F frames, N = 1 + P tokens per frame, C vision width, L labels per frame, T frames per clip, K objects.
@@ -59,6 +63,19 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) 
     for _ in range(steps):
         logits = probe(x)
         loss = F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return probe
+
+
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, steps: int, hidden: int = 256) -> torch.nn.Module:
+    """A one-hidden-layer softmax probe: what a small non-linear reader gets out of the features."""
+    probe = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, int(y.max()) + 1))
+    opt = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(probe(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,6 +152,86 @@ def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
     return out
 
 
+def pooled_object_features(patches: torch.Tensor, counts: torch.Tensor, fuller_half: bool) -> torch.Tensor:
+    """(K, C) each object's mean patch feature over the patches that hold its pixels in any frame; with
+    ``fuller_half``, only those holding at least its median pixel count (its edges dropped). A perfect
+    lookup of the asked object over its own visual tokens could read no more than this."""
+    pooled = []
+    for k in range(counts.shape[-1]):
+        c = counts[..., k]  # (T, P) pixels of object k
+        held = c > 0
+        if fuller_half:
+            held &= c >= c[held].float().median()
+        pooled.append(patches[held].mean(0))  # (C,); every object has a pixel in some frame (checked by caller)
+    return torch.stack(pooled)
+
+
+def found_by_name(probs: torch.Tensor, target: torch.Tensor, clip_of: torch.Tensor) -> torch.Tensor:
+    """(K,) bool: among its clip's objects, the one the probe rates likeliest to be ``target[k]`` is k itself.
+
+    That is finding "the square" in the clip, which colour questions ("what colour is the square ?"), and
+    direction questions half the time, must do before they can read anything off the object.
+    probs (K, classes), target (K,), clip_of (K,) the clip each object is in.
+    """
+    found = torch.zeros(len(target), dtype=torch.bool)
+    for c in clip_of.unique():
+        objs = (clip_of == c).nonzero().squeeze(-1)  # (K_c,)
+        rated = probs[objs][:, target[objs]]  # (K_c, K_c): [j, k] = P(object j is named as object k is)
+        found[objs] = rated.argmax(0) == torch.arange(len(objs))
+    return found
+
+
+def object_probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
+    """Shape and colour of each object from its pooled layer −2 patch features, frames read through H.264.
+
+    Fitted on the objects of the first three quarters of the clips, scored on the rest, with a linear and a
+    256-wide MLP softmax probe; colour only on objects whose colour does not change during the clip.
+    """
+    torch.manual_seed(0)
+    scenes = [training_clip(i, seed=PROBE_SEED) for i in range(clips)]
+    with tempfile.TemporaryDirectory() as workdir:
+        frames = np.concatenate([h264_round_trip(s.frames, workdir) for s in scenes])  # (F, H, W, 3)
+    patches = layer_features(model, path, frames)[:, 1:]  # (F, P, C)
+    t = len(scenes[0].frames)
+    rows: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    shape_ids, colour_ids, fit_rows, clip_ids = [], [], [], []
+    for i, scene in enumerate(scenes):
+        counts = torch.from_numpy(scene.object_pixel_counts())  # (T, P, K)
+        drawn = counts.sum((0, 1)) > 0  # (K,) objects covered in every frame by later ones have no pixels
+        for fuller_half in rows:
+            rows[fuller_half].append(pooled_object_features(patches[i * t : (i + 1) * t], counts[..., drawn], fuller_half))
+        objects = [obj for obj, d in zip(scene.objects, drawn) if d]
+        shape_ids += [SHAPES.index(obj.shape) for obj in objects]
+        colour_ids += [-1 if obj.changes_colour else list(COLOURS).index(obj.colour) for obj in objects]
+        fit_rows += [i < clips * 3 // 4] * len(objects)
+        clip_ids += [i] * len(objects)
+    shapes, colours, fit = torch.tensor(shape_ids), torch.tensor(colour_ids), torch.tensor(fit_rows)  # each (K,)
+    clip_of = torch.tensor(clip_ids)  # (K,)
+    out = {"objects_fitted": float(fit.sum()), "objects_scored": float((~fit).sum())}
+    for fuller_half, pooled in rows.items():
+        x = torch.cat(pooled)  # (K, C)
+        x = standardise(x, x[fit])
+        prefix = "object_fuller_half" if fuller_half else "object"
+        for name, target in (("shape", shapes), ("colour", colours)):
+            known = target >= 0  # (K,)
+            train, test = fit & known, ~fit & known
+            for kind, head in (("linear", fit_linear(x[train], target[train], multi_label=False, steps=steps)),
+                               ("mlp", fit_mlp(x[train], target[train], steps=steps))):
+                with torch.no_grad():
+                    probs = head(x[test]).softmax(-1)  # (K_test, classes)
+                right = probs.argmax(-1) == target[test]  # (K_test,)
+                out[f"{prefix}_{name}_{kind}"] = right.float().mean().item()
+                if name == "shape" and kind == "mlp" and not fuller_half:  # which shapes the features tell apart
+                    out |= {f"object_shape_mlp_recall_{shape}": right[target[test] == s].float().mean().item()
+                            for s, shape in enumerate(SHAPES)}
+                    found = found_by_name(probs, target[test], clip_of[test])  # (K_test,)
+                    in_clip = torch.bincount(clip_of[test])[clip_of[test]]  # (K_test,) objects in the same clip
+                    out["object_found_by_shape_mlp"] = found.float().mean().item()
+                    out |= {f"object_found_by_shape_mlp_{n}_objects": found[in_clip == n].float().mean().item()
+                            for n in in_clip.unique().tolist()}
+    return out
+
+
 SELECTIONS = (("random", "uniform"), ("cls", "uniform"), ("cls", "redundancy"))
 
 
@@ -173,6 +270,9 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=400, help="clips of 8 frames; 3/4 of the frames fit the probes")
     ap.add_argument("--steps", type=int, default=400, help="full-batch Adam steps per probe")
     ap.add_argument("--selection-clips", type=int, default=150, help="held-out clips for the selection shares")
+    ap.add_argument("--object-clips", type=int, default=800,
+                    help="clips for the per-object probes (through H.264); 0 skips them")
+    ap.add_argument("--object-steps", type=int, default=600, help="full-batch steps per per-object probe")
     args = ap.parse_args()
     for path in args.models:
         model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
@@ -180,6 +280,9 @@ def main() -> None:
         print(path, " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
         for name, value in selection(model, path, args.selection_clips).items():
             print(f"{path} {name}={value:.3f}", flush=True)
+        if args.object_clips:
+            res = object_probe(model, path, args.object_clips, args.object_steps)
+            print(path, " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
 
 
 if __name__ == "__main__":
