@@ -200,7 +200,7 @@ def object_probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
         drawn = counts.sum((0, 1)) > 0  # (K,) objects covered in every frame by later ones have no pixels
         for fuller_half in rows:
             rows[fuller_half].append(pooled_object_features(patches[i * t : (i + 1) * t], counts[..., drawn], fuller_half))
-        objects = [obj for obj, d in zip(scene.objects, drawn) if d]
+        objects = [obj for obj, d in zip(scene.objects, drawn, strict=True) if d]
         shape_ids += [SHAPES.index(obj.shape) for obj in objects]
         colour_ids += [-1 if obj.changes_colour else list(COLOURS).index(obj.colour) for obj in objects]
         fit_rows += [i < clips * 3 // 4] * len(objects)
