@@ -19,8 +19,9 @@ share of kept patches that hold an object pixel and the share of (frame, visible
 least one kept patch (objects covered).
 
 Last, per object (``--object-clips``, through H.264): its shape and colour from the mean of the patch
-features that hold its pixels over the clip, by a linear and an MLP probe. That bounds what the language
-model can answer about an object even if it attends to exactly that object's tokens.
+features that hold its pixels over the clip, by a linear and an MLP probe, and whether the MLP finds the
+object a shape word names among its clip's objects. That estimates how much of an object reaches a language
+model that attends to exactly that object's tokens (a reader trained on more objects may get more).
 
     python scripts/probe_tower.py pipeline/assets/demo_model /path/to/other/model
 
@@ -57,9 +58,9 @@ def standardise(x: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
     return (x - fit.mean(0)) / (fit.std(0) + 1e-6)
 
 
-def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) -> torch.nn.Linear:
-    probe = torch.nn.Linear(x.shape[1], y.shape[1] if multi_label else int(y.max()) + 1)
-    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+def train_probe(probe: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                multi_label: bool, steps: int) -> torch.nn.Module:
+    """Full-batch steps on (x, y): BCE for multi-hot targets, softmax cross-entropy for class indices."""
     for _ in range(steps):
         logits = probe(x)
         loss = F.binary_cross_entropy_with_logits(logits, y) if multi_label else F.cross_entropy(logits, y)
@@ -69,17 +70,17 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) 
     return probe
 
 
+def fit_linear(x: torch.Tensor, y: torch.Tensor, multi_label: bool, steps: int) -> torch.nn.Module:
+    probe = torch.nn.Linear(x.shape[1], y.shape[1] if multi_label else int(y.max()) + 1)
+    return train_probe(probe, torch.optim.Adam(probe.parameters(), lr=1e-2), x, y, multi_label, steps)
+
+
 def fit_mlp(x: torch.Tensor, y: torch.Tensor, steps: int, hidden: int = 256) -> torch.nn.Module:
     """A one-hidden-layer softmax probe: what a small non-linear reader gets out of the features."""
     probe = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
                                 torch.nn.Linear(hidden, int(y.max()) + 1))
     opt = torch.optim.AdamW(probe.parameters(), lr=3e-3, weight_decay=1e-2)
-    for _ in range(steps):
-        loss = F.cross_entropy(probe(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return probe
+    return train_probe(probe, opt, x, y, multi_label=False, steps=steps)
 
 
 @torch.no_grad()
@@ -154,8 +155,8 @@ def probe(model, path: Path, clips: int, steps: int) -> dict[str, float]:
 
 def pooled_object_features(patches: torch.Tensor, counts: torch.Tensor, fuller_half: bool) -> torch.Tensor:
     """(K, C) each object's mean patch feature over the patches that hold its pixels in any frame; with
-    ``fuller_half``, only those holding at least its median pixel count (its edges dropped). A perfect
-    lookup of the asked object over its own visual tokens could read no more than this."""
+    ``fuller_half``, only those holding at least its median pixel count (its edges dropped): what a lookup
+    of the asked object that weighs its own visual tokens evenly hands the layers above."""
     pooled = []
     for k in range(counts.shape[-1]):
         c = counts[..., k]  # (T, P) pixels of object k
